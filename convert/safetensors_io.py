@@ -1,0 +1,101 @@
+"""Lazy reading of HF safetensors directories (single file or sharded with an index) and sharded writing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class SafetensorsDir:
+    """Key -> file index over an HF model directory; tensors are read one at a time, on demand."""
+
+    def __init__(self, hf_dir: Path):
+        self.dir = Path(hf_dir)
+        self.files = self._files()
+        self.key_file: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in self.files:
+            with safe_open(file, framework="numpy") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    header = f.get_slice(key)
+                    self.key_file[key] = file
+                    self.shapes[key] = tuple(header.get_shape())
+                    self.dtypes[key] = header.get_dtype()
+
+    def _files(self) -> list[Path]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (self.dir / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+            return [self.dir / n for n in names]
+        if (self.dir / SINGLE_FILE).is_file():
+            return [self.dir / SINGLE_FILE]
+        found = sorted(self.dir.glob("*.safetensors"))
+        if not found:
+            raise FileNotFoundError(
+                f"no safetensors weights in {self.dir}: expected {SINGLE_FILE} or {INDEX_FILE} "
+                "(PyTorch .bin checkpoints must be re-saved with save_pretrained(safe_serialization=True))"
+            )
+        return found
+
+    def float_dtype(self) -> str:
+        """The floating dtype most tensors are stored in (float32 if there are none)."""
+        names = [_FLOAT_DTYPES[d] for d in self.dtypes.values() if d in _FLOAT_DTYPES]
+        return max(set(names), key=names.count) if names else "float32"
+
+    def get(self, key: str) -> np.ndarray:
+        with safe_open(self.key_file[key], framework="numpy") as f:
+            return f.get_tensor(key)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '1024' -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, mult in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * mult)
+    if upper.isdigit():
+        return int(upper)
+    raise ValueError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a byte count")
+
+
+def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Group keys, in order, into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes:
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    # "format": "pt" is what transformers checks before loading a safetensors file.
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))

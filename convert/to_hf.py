@@ -1,0 +1,79 @@
+"""Our checkpoint -> HF directory: sharded safetensors plus a config.json transformers loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.mapping import hf_key, to_hf_array
+from convert.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
+from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
+from unime_jax.models.registry import ModelSpec
+
+
+def hf_config_for(spec: ModelSpec, cfg, stored: dict | None) -> dict:
+    """The source config.json when we have it (exact round trip), else one generated from our config."""
+    hf = dict(stored) if stored is not None else spec.to_hf(cfg)
+    hf["torch_dtype"] = cfg.param_dtype
+    return hf
+
+
+def export_hf(
+    model: nnx.Module,
+    spec: ModelSpec,
+    cfg,
+    out: Path,
+    *,
+    stored_hf_config: dict | None = None,
+    max_shard_size: str = "5GB",
+    progress: bool = True,
+) -> list[str]:
+    """Write `model` as an HF directory; returns the safetensors file names written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = spec.key_layouts[0]
+    params = {name: var.get_value() for name, var in variables(nnx.state(model))}
+    keys = {name: hf_key(name, layout) for name in params}
+    shards = plan_shards(((name, params[name].nbytes) for name in params), parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    bar = tqdm(total=len(params), desc="to-hf", unit="tensor", disable=not progress)
+    for file, members in zip(names, shards, strict=True):
+        tensors = {keys[n]: to_hf_array(n, np.asarray(jax.device_get(params[n]))) for n in members}
+        write_shard(out / file, tensors)
+        weight_map.update(dict.fromkeys(tensors, file))
+        bar.update(len(members))
+        del tensors
+    bar.close()
+    if len(names) > 1:
+        write_index(out, weight_map, sum(int(p.nbytes) for p in params.values()))
+    (out / "config.json").write_text(json.dumps(hf_config_for(spec, cfg, stored_hf_config), indent=2))
+    return names
+
+
+def export_checkpoint(
+    ckpt: Path, out: Path, *, max_shard_size: str = "5GB", progress: bool = True
+) -> list[str]:
+    """`to-hf`: our checkpoint directory -> HF directory (tokenizer files copied along)."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it first")
+    loaded = load_model(ckpt)
+    stored_path = ckpt / HF_CONFIG_FILE
+    stored = json.loads(stored_path.read_text()) if stored_path.is_file() else None
+    names = export_hf(
+        loaded.model,
+        loaded.spec,
+        loaded.config,
+        out,
+        stored_hf_config=stored,
+        max_shard_size=max_shard_size,
+        progress=progress,
+    )
+    copy_aux_files(ckpt, out)
+    return names

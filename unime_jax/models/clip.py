@@ -1,0 +1,181 @@
+"""CLIP ViT vision tower, mirroring HF `CLIPVisionModel` (shared by Phi-3.5-V and LLaVA-NeXT).
+
+Both backbones read hidden_states[-2] (the output of the second-to-last encoder layer) and drop
+the CLS token; `hidden_state(pixels, layer)` runs only the layers that output needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unime_jax.models.attention import Implementation, attend
+from unime_jax.models.layers import Embed, LayerNorm, Linear, activation, param
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """HF CLIPVisionConfig fields that shape the tower, plus run-time choices."""
+
+    hidden_size: int = 1024  # width D
+    intermediate_size: int = 4096  # MLP width
+    num_hidden_layers: int = 24  # encoder layers
+    num_attention_heads: int = 16  # heads
+    num_channels: int = 3  # input channels
+    image_size: int = 336  # input resolution (square)
+    patch_size: int = 14  # patch side
+    hidden_act: str = "quick_gelu"  # MLP activation (OpenAI CLIP: quick_gelu)
+    layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention: Implementation = "auto"  # attention kernel
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def _dtypes(cfg: CLIPVisionConfig) -> dict:
+    return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+    """Patchify (a stride-p conv as one matmul), prepend CLS, add learned positions."""
+
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+        dt = _dtypes(cfg)
+        self.class_embedding = param(rngs, nnx.initializers.normal(0.02), (d,), dt["param_dtype"], ("norm",))
+        # (kh, kw, in, out): HF's conv weight (out, in, kh, kw) transposed.
+        self.patch_embedding = PatchConv(p, c, d, rngs=rngs, **dt)
+        self.position_embedding = Embed(cfg.num_patches + 1, d, axes=("positions", "embed"), rngs=rngs, **dt)
+        self.dtype = dt["dtype"]
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        patches = self.patch_embedding(pixel_values)
+        cls = jnp.broadcast_to(
+            self.class_embedding[...].astype(self.dtype), (patches.shape[0], 1, patches.shape[-1])
+        )
+        x = jnp.concatenate([cls, patches], axis=1)
+        return x + self.position_embedding.weight[...].astype(self.dtype)[None]
+
+
+class PatchConv(nnx.Module):
+    """Non-overlapping patch convolution without bias, HF `patch_embedding` (Conv2d, bias=False)."""
+
+    def __init__(self, patch: int, channels: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = param(
+            rngs, init, (patch, patch, channels, features), param_dtype, (None, None, None, "embed")
+        )
+        self.patch = patch
+        self.dtype = dtype
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """(batch, channels, H, W) -> (batch, (H/p)*(W/p), features), patches in row-major order."""
+        b, c, h, w = pixel_values.shape
+        p = self.patch
+        x = pixel_values.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        x = x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        return jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(p * p * c, -1))
+
+
+class CLIPAttention(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        linear = partial(Linear, d, d, use_bias=True, rngs=rngs, **_dtypes(cfg))
+        self.k_proj = linear(axes=("embed", "heads"))
+        self.v_proj = linear(axes=("embed", "heads"))
+        self.q_proj = linear(axes=("embed", "heads"))
+        self.out_proj = linear(axes=("heads", "embed"))
+        self.heads = cfg.num_attention_heads
+        self.implementation = cfg.attention
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        out = attend(
+            split(self.q_proj(x)),
+            split(self.k_proj(x)),
+            split(self.v_proj(x)),
+            lengths=None,
+            causal=False,
+            implementation=self.implementation,
+        )
+        return self.out_proj(out.reshape(b, t, d))
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        dt = _dtypes(cfg)
+        self.fc1 = Linear(
+            cfg.hidden_size, cfg.intermediate_size, use_bias=True, axes=("embed", "mlp"), rngs=rngs, **dt
+        )
+        self.fc2 = Linear(
+            cfg.intermediate_size, cfg.hidden_size, use_bias=True, axes=("mlp", "embed"), rngs=rngs, **dt
+        )
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        norm = partial(LayerNorm, cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
+        self.self_attn = CLIPAttention(cfg, rngs)
+        self.layer_norm1 = norm()
+        self.mlp = CLIPMLP(cfg, rngs)
+        self.layer_norm2 = norm()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPVisionTransformer(nnx.Module):
+    """HF `vision_model`: embeddings -> pre_layrnorm (sic, HF's name) -> encoder -> post_layernorm."""
+
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        norm = partial(LayerNorm, cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
+        self.embeddings = CLIPVisionEmbeddings(cfg, rngs)
+        self.pre_layrnorm = norm()
+        self.encoder = CLIPEncoder(cfg, rngs)
+        self.post_layernorm = norm()
+
+
+class CLIPVisionModel(nnx.Module):
+    """HF `CLIPVisionModel`. Pixels are (batch, channels, H, W), as HF processors emit them."""
+
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        self.vision_model = CLIPVisionTransformer(cfg, rngs)
+        self.cfg = cfg
+
+    def hidden_state(self, pixel_values: jax.Array, layer: int = -1) -> jax.Array:
+        """HF `hidden_states[layer]`: 0 = after pre_layrnorm, i = after encoder layer i, -1 = the last.
+
+        Only the layers up to `layer` run, so layer -2 skips the final encoder layer.
+        """
+        n = self.cfg.num_hidden_layers
+        index = layer + n + 1 if layer < 0 else layer
+        if not 0 <= index <= n:
+            raise ValueError(f"feature layer {layer} out of range for {n} encoder layers")
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        for block in list(vm.encoder.layers)[:index]:
+            x = block(x)
+        return x
+
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(last_hidden_state, pooler_output) as HF returns them; pooler = post_layernorm(CLS)."""
+        last = self.hidden_state(pixel_values, -1)
+        return last, self.vision_model.post_layernorm(last[:, 0])

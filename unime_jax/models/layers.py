@@ -1,0 +1,123 @@
+"""Basic NNX layers whose parameter names and layouts make HF conversion a rename plus transpose.
+
+Every parameter carries `logical_axes` metadata (one name per dimension). `unime_jax.sharding`
+maps those names to mesh axes through a single rules table, so the layers never name mesh axes.
+
+Naming: linear kernels are `kernel` stored (in, out) (HF `weight` is (out, in)); norms and
+embeddings keep HF's `weight`/`bias` names and layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+_normal = nnx.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype: jnp.dtype, axes: Axes) -> nnx.Param:
+    """A parameter initialised with `init`, annotated with its logical axes."""
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, computed in `dtype` with parameters stored in `param_dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        axes: Axes,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
+        if use_bias:
+            self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[-1],))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if hasattr(self, "bias"):
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table, HF layout (num_embeddings, features)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        axes: Axes,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.weight = param(rngs, _normal, (num_embeddings, features), param_dtype, axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama/Mistral/Phi-3 RMSNorm: normalise in float32, cast back, then scale (as HF does)."""
+
+    def __init__(
+        self, features: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        self.weight = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * normed
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with HF names (`weight`, `bias`); statistics in float32."""
+
+    def __init__(
+        self, features: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        self.weight = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """HF `hidden_act` names -> functions with the same numerics."""
+    acts: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    }
+    if name not in acts:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(acts)}")
+    return acts[name]
