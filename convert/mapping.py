@@ -86,11 +86,15 @@ def plan(
     *,
     tied_embeddings: bool,
     source: str,
+    aliases: Sequence[str] = (),
 ) -> Plan:
-    """Match every parameter to exactly one HF tensor, or raise listing every mismatch."""
+    """Match every parameter to exactly one HF tensor, or raise listing every mismatch.
+
+    `aliases` are regexes of HF keys that duplicate another stored tensor (skipped, reported).
+    """
     layout = max(layouts, key=lambda lay: sum(hf_key(name, lay) in hf for name in ours))
     wanted = {hf_key(name, layout): name for name in ours}
-    skip = [*_BUFFERS, *([_TIED_HEAD] if tied_embeddings else [])]
+    skip = [*_BUFFERS, *([_TIED_HEAD] if tied_embeddings else []), *(re.compile(a) for a in aliases)]
     ignored = sorted(k for k in hf if k not in wanted and any(p.search(k) for p in skip))
     missing = sorted(k for k in wanted if k not in hf)
     unexpected = sorted(k for k in hf if k not in wanted and k not in ignored)

@@ -61,7 +61,12 @@ def load_hf_model(
         spec.key_layouts,
         tied_embeddings=getattr(cfg, "tie_word_embeddings", False),
         source=str(hf_dir),
+        aliases=spec.aliases,
     )
+    if matched.ignored and progress:
+        tqdm.write(
+            f"skipping {len(matched.ignored)} recomputed buffer/alias tensor(s): {', '.join(matched.ignored)}"
+        )
     dtype = jnp.dtype(cfg.param_dtype)
     for name, key in tqdm(matched.pairs, desc="to-jax", unit="tensor", disable=not progress):
         array = from_hf_array(name, reader.get(key))

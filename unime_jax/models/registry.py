@@ -144,6 +144,8 @@ class ModelSpec:
     to_hf: Callable[[Any], dict]  # our config -> HF config.json dict
     # Alternative (our prefix, HF prefix) renames; the first is what export writes.
     key_layouts: tuple[tuple[tuple[str, str], ...], ...] = ((),)
+    # Regexes of HF keys that duplicate another tensor (e.g. a tied alias): skipped on import.
+    aliases: tuple[str, ...] = ()
 
 
 _DECODER = {

@@ -1,0 +1,23 @@
+"""UniME's embedding: the final-norm hidden state of the last real token, L2-normalised."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """hidden (batch, seq, dim) at index sum(mask)-1 of each right-padded row -> (batch, dim)."""
+    last = jnp.maximum(jnp.sum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / ||x|| in float32 (as torch.nn.functional.normalize, eps-guarded)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def embed(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The UniME embedding of each row."""
+    return l2_normalize(last_token(hidden, attention_mask))
