@@ -105,3 +105,24 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Rows split over the data axes, everything else replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays (rows concatenated in process order)."""
+    out = {}
+    for key, value in local.items():
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, global_shape), value, global_shape
+        )
+    return out
+
+
+def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place every variable of a state on the sharding its logical axes give."""
+    return jax.device_put(state, state_shardings(state, mesh))

@@ -1,0 +1,91 @@
+"""A tiny stage-2 training run used by the resume and multi-host tests (run as a subprocess).
+
+Global batch k is a pure function of k; each process feeds its own rows of it through a grain
+iterator whose state is checkpointed with the train state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--stop-after", type=int, help="exit (as if killed) after this many steps")
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--coordinator-address")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--chunks", type=int, default=2)
+    args = parser.parse_args()
+
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import grain
+    from test_trainer import stage2_batch
+
+    from convert import load_hf_model
+    from unime_jax.sharding import make_mesh
+    from unime_jax.training import distributed, loop
+    from unime_jax.training.checkpoints import Checkpoints
+    from unime_jax.training.metrics import MetricsWriter
+    from unime_jax.training.optimizer import OptimizerConfig
+    from unime_jax.training.tasks import Stage2Config, Stage2Task
+    from unime_jax.training.trainer import Trainer, TrainerConfig
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    rows, pid, nproc = 16, jax.process_index(), jax.process_count()
+
+    def local_rows(k: int) -> dict:
+        batch = stage2_batch(rows, seed=1000 + k)
+        per = rows // nproc
+        return {key: value[pid * per : (pid + 1) * per] for key, value in batch.items()}
+
+    iterator = iter(grain.MapDataset.range(10_000).map(local_rows).to_iter_dataset())
+    mesh = make_mesh(data=-1)
+    model = load_hf_model(args.hf_dir, mesh, progress=False).model
+    trainer = Trainer(
+        model,
+        Stage2Task(Stage2Config(k=4)),
+        OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        total_steps=args.steps,
+        mesh=mesh,
+        cfg=TrainerConfig(grad_chunks=args.chunks),
+    )
+    state = trainer.init_state(seed=0)
+    ckpts = Checkpoints(Path(args.workdir) / "checkpoints", keep=2)
+    identity = {"model": "tiny-mistral", "task": "stage2"}
+    if ckpts.latest_step() is not None:
+        state = ckpts.restore(ckpts.latest_step(), state, identity, iterator)
+    total = args.stop_after or args.steps
+    state, history = loop.run(
+        trainer,
+        state,
+        iterator,
+        loop.LoopConfig(total_steps=total, save_every=1),
+        mesh,
+        MetricsWriter(Path(args.workdir)),
+        checkpoints=ckpts,
+        identity=identity,
+        config={"steps": args.steps},
+        data_iterator=iterator,
+    )
+    ckpts.close()
+    if jax.process_index() == 0:
+        losses = [h["loss"] for h in history]
+        (Path(args.workdir) / f"losses-{int(state.step)}.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Whole-run properties: exact resume in a new process, and 2 processes == 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import hf_models
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("engine_worker.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _run(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return hf_models.mistral(tmp_path_factory.mktemp("engine") / "mistral")
+
+
+def _losses(workdir: Path, step: int) -> list[float]:
+    return json.loads((workdir / f"losses-{step}.json").read_text())
+
+
+def test_resume_in_a_new_process_continues_exactly(hf_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _finish(_run("--hf-dir", str(hf_dir), "--workdir", str(straight), "--steps", "6"))
+    _finish(_run("--hf-dir", str(hf_dir), "--workdir", str(resumed), "--steps", "6", "--stop-after", "3"))
+    _finish(_run("--hf-dir", str(hf_dir), "--workdir", str(resumed), "--steps", "6"))
+    expected = _losses(straight, 6)
+    got = _losses(resumed, 3) + _losses(resumed, 6)
+    assert len(expected) == len(got) == 6
+    np.testing.assert_array_equal(np.array(got), np.array(expected))
+    metrics = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(hf_dir, tmp_path):
+    one = tmp_path / "one"
+    _finish(_run("--hf-dir", str(hf_dir), "--workdir", str(one), "--steps", "3"))
+    two = tmp_path / "two"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        _run("--hf-dir", str(hf_dir), "--workdir", str(two), "--steps", "3", "--devices", "4",
+             "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        _finish(proc)
+    np.testing.assert_allclose(_losses(two, 3), _losses(one, 3), atol=1e-5, rtol=0)
