@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from safetensors import safe_open
@@ -13,6 +14,35 @@ from safetensors.numpy import save_file
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class TensorSource(Protocol):
+    """HF-named tensors that can be listed with their shapes and read one at a time."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def get(self, key: str) -> np.ndarray: ...
+
+    def float_dtype(self) -> str: ...
+
+
+def _majority_float(dtype_names: Iterable[str]) -> str:
+    names = [n for n in dtype_names if n in _FLOAT_DTYPES.values()]
+    return max(set(names), key=names.count) if names else "float32"
+
+
+class ArrayDict:
+    """An in-memory state dict (e.g. from a live PyTorch model) as a tensor source."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = arrays
+        self.shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+
+    def get(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def float_dtype(self) -> str:
+        return _majority_float(str(np.dtype(v.dtype)) for v in self.arrays.values())
 
 
 class SafetensorsDir:
@@ -52,8 +82,7 @@ class SafetensorsDir:
 
     def float_dtype(self) -> str:
         """The floating dtype most tensors are stored in (float32 if there are none)."""
-        names = [_FLOAT_DTYPES[d] for d in self.dtypes.values() if d in _FLOAT_DTYPES]
-        return max(set(names), key=names.count) if names else "float32"
+        return _majority_float(_FLOAT_DTYPES.get(d, d) for d in self.dtypes.values())
 
     def get(self, key: str) -> np.ndarray:
         with safe_open(self.key_file[key], framework="numpy") as f:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from convert.mapping import from_hf_array, plan
-from convert.safetensors_io import SafetensorsDir
+from convert.safetensors_io import SafetensorsDir, TensorSource
 from unime_jax.model_io import LoadedModel, abstract_model, save_model, variables
 from unime_jax.models.registry import spec_for, with_runtime
 from unime_jax.sharding import make_mesh, state_shardings
@@ -47,9 +47,29 @@ def load_hf_model(
     `param_dtype` casts floating-point weights (default: the dtype stored in the files).
     """
     hf_dir = Path(hf_dir)
-    hf = read_hf_config(hf_dir)
+    return load_from_source(
+        SafetensorsDir(hf_dir),
+        read_hf_config(hf_dir),
+        mesh,
+        param_dtype=param_dtype,
+        progress=progress,
+        origin=hf_dir,
+        **runtime,
+    )
+
+
+def load_from_source(
+    reader: TensorSource,
+    hf: dict,
+    mesh: Mesh | None = None,
+    *,
+    param_dtype: str | None = None,
+    progress: bool = True,
+    origin: Path = Path("<memory>"),
+    **runtime: str,
+) -> LoadedModel:
+    """Build our model from HF-named tensors (files, or an in-memory state dict) and an HF config dict."""
     spec = spec_for(hf["model_type"])
-    reader = SafetensorsDir(hf_dir)
     cfg = with_runtime(spec.from_hf(hf), param_dtype=param_dtype or reader.float_dtype(), **runtime)
     graphdef, abstract = nnx.split(abstract_model(spec, cfg))
     mesh = mesh or make_mesh()
@@ -60,7 +80,7 @@ def load_hf_model(
         reader.shapes,
         spec.key_layouts,
         tied_embeddings=getattr(cfg, "tie_word_embeddings", False),
-        source=str(hf_dir),
+        source=str(origin),
         aliases=spec.aliases,
     )
     if matched.ignored and progress:
@@ -74,7 +94,7 @@ def load_hf_model(
             array = array.astype(dtype)
         targets[name].set_value(_place(array, shardings[name].get_value()))
         del array
-    return LoadedModel(nnx.merge(graphdef, abstract), spec, cfg, hf_dir)
+    return LoadedModel(nnx.merge(graphdef, abstract), spec, cfg, origin)
 
 
 def convert_hf_dir(

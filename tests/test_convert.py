@@ -167,3 +167,17 @@ def test_help_runs_without_jax():
     )
     assert out.returncode == 0
     assert "--hf-dir" in out.stdout and "--dtype" in out.stdout
+
+
+def test_in_memory_state_dict_converts_like_the_files(tmp_path):
+    """`load_from_source` takes a live PyTorch state dict (no disk) and builds the same model."""
+    from convert.safetensors_io import ArrayDict
+    from convert.to_jax import load_from_source
+
+    src = hf_models.phi3(tmp_path / "phi3")
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    arrays = ArrayDict({k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+    from_memory = load_from_source(arrays, torch_model.config.to_dict(), progress=False)
+    from_files = load_hf_model(src, progress=False)
+    ids = np.arange(10)[None] % hf_models.VOCAB
+    np.testing.assert_array_equal(np.asarray(from_memory.model(ids)), np.asarray(from_files.model(ids)))
