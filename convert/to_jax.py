@@ -47,9 +47,10 @@ def load_hf_model(
     `param_dtype` casts floating-point weights (default: the dtype stored in the files).
     """
     hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)  # first: a missing config.json is the clearer error
     return load_from_source(
         SafetensorsDir(hf_dir),
-        read_hf_config(hf_dir),
+        hf,
         mesh,
         param_dtype=param_dtype,
         progress=progress,

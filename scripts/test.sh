@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 python -m pip install -q torch==2.13.0 -e ".[dev]"
 ruff check .
+# The Phi-3.5-V reference processor needs torchvision, which does not import beside torch 2.13.0:
+# it runs in its own venv (.venv-ref, torch 2.14.1 + torchvision 0.29.1 from local disk).
+export UNIME_REFERENCE_PYTHON="${UNIME_REFERENCE_PYTHON:-$(bash scripts/reference_env.sh)}"
 python -m pytest "$@"

@@ -38,9 +38,13 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from unime_jax.data.config import DataSection
+from unime_jax.training.sections import Stage1Section, Stage2Section
+
 __all__ = [
     "Config",
     "ConfigError",
+    "DistributedSection",
     "MeshSection",
     "ModelSection",
     "add_config_args",
@@ -83,9 +87,21 @@ class MeshSection:
 
 
 @dataclass
+class DistributedSection:
+    coordinator_address: str | None = None  # host:port of process 0; null = single process or auto-detected cluster
+    num_processes: int | None = None  # processes in the run (with coordinator_address)
+    process_id: int | None = None  # this process's index (with coordinator_address)
+
+
+@dataclass
 class Config:
+    stages: tuple[Literal["stage1", "stage2"], ...] = ("stage1", "stage2")  # stages to run, in order
     model: ModelSection = field(default_factory=ModelSection)  # backbone checkpoint and numerics
     mesh: MeshSection = field(default_factory=MeshSection)  # device mesh layout
+    distributed: DistributedSection = field(default_factory=DistributedSection)  # multi-host start-up
+    data: DataSection = field(default_factory=DataSection)  # training data
+    stage1: Stage1Section = field(default_factory=Stage1Section)  # textual knowledge distillation
+    stage2: Stage2Section = field(default_factory=Stage2Section)  # hard-negative instruction tuning
     workdir: str = "runs/default"  # where checkpoints, logs and the resolved config are written
     seed: int = 0  # global RNG seed (params init, data shuffling, dropout)
 

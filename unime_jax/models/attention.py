@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 Implementation = Literal["auto", "xla", "cudnn"]
+# cuDNN's fused kernel refuses (for gradients) sequence lengths that are not a multiple of 64,
+# e.g. LLaVA's 1225-token image prompts; such inputs are padded and the padding is sliced off.
+CUDNN_SEQ_MULTIPLE = 64
 
 
 def resolve_implementation(impl: Implementation, dtype: jnp.dtype) -> Literal["xla", "cudnn"]:
@@ -43,10 +46,32 @@ def attend(
     window = None if sliding_window is None or sliding_window >= q.shape[1] else (sliding_window - 1, 0)
     if window is not None and not causal:
         raise ValueError("sliding_window is only defined for causal attention")
+    multiple = CUDNN_SEQ_MULTIPLE if impl == "cudnn" else 1
+    return _attend_padded(q, k, v, lengths, causal, window, impl, multiple)
+
+
+def _attend_padded(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array | None,
+    causal: bool,
+    window: tuple[int, int] | None,
+    impl: Literal["xla", "cudnn"],
+    multiple: int,
+) -> jax.Array:
+    """Attention with the sequence padded to `multiple`; the added keys are masked, the rows dropped."""
+    seq = q.shape[1]
+    extra = -seq % multiple
+    if extra:
+        if lengths is None:
+            lengths = jnp.full((q.shape[0],), seq, jnp.int32)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+        q, k, v = pad(q), pad(k), pad(v)
     # cuDNN wants query lengths too; XLA would turn fully-masked padded query rows into NaNs, so
     # there only the keys are masked (padded rows are never pooled).
     q_lengths = lengths if impl == "cudnn" else None
-    return jax.nn.dot_product_attention(
+    out = jax.nn.dot_product_attention(
         q,
         k,
         v,
@@ -56,3 +81,4 @@ def attend(
         local_window_size=window,
         implementation=impl,
     )
+    return out[:, :seq] if extra else out

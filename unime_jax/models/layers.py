@@ -26,7 +26,13 @@ def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype: jnp.dty
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias, computed in `dtype` with parameters stored in `param_dtype`."""
+    """y = x @ kernel + bias, computed in `dtype` with parameters stored in `param_dtype`.
+
+    `unime_jax.models.lora.apply_lora` may attach a LoRA adapter under PEFT's names: children
+    `lora_A` (in -> r) and `lora_B` (r -> out), Linears whose kernels are `nnx.LoRAParam`, a
+    static `lora_scale` (alpha / r) and, when dropout > 0, `lora_dropout`. The output then gains
+    lora_B(lora_A(lora_dropout(x))) * lora_scale, as PEFT's LoRA layer computes it.
+    """
 
     def __init__(
         self,
@@ -38,16 +44,24 @@ class Linear(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        kernel_init: Callable = _normal,
+        kernel_type: type[nnx.Param] = nnx.Param,
     ):
-        self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
+        # LoRA factors pass `nnx.LoRAParam`, so that filter selects exactly the adapters.
+        shape = (in_features, out_features)
+        self.kernel = kernel_type(kernel_init(rngs.params(), shape, param_dtype), logical_axes=axes)
         if use_bias:
             self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[-1],))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if hasattr(self, "bias"):
             y = y + self.bias[...].astype(self.dtype)
+        if hasattr(self, "lora_A"):
+            h = self.lora_dropout(x) if hasattr(self, "lora_dropout") else x
+            y = y + self.lora_B(self.lora_A(h)) * self.lora_scale
         return y
 
 

@@ -6,6 +6,7 @@ Export writes the 4.x layout, which both major versions load.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -14,6 +15,8 @@ from flax import nnx
 
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderLM
+from unime_jax.models.llava_next import LlavaNext, LlavaNextConfig
+from unime_jax.models.phi3_v import Phi3VConfig, Phi3VForCausalLM
 from unime_jax.models.rope import RopeScaling
 
 
@@ -133,6 +136,141 @@ def clip_to_hf(cfg: CLIPVisionConfig) -> dict:
     return hf
 
 
+# Phi-3-V is remote code: Phi-3 decoder fields plus `embd_layer` and `img_processor`. The remote code
+# hard-codes a CLIP-L/14-336 tower; `img_processor.vision_config` (ours, ignored by the remote code)
+# lists the fields that differ from it, so tiny test models can describe their tower.
+_PHI3_V_EMBD_LAYER = {
+    "embedding_cls": "image",
+    "hd_transform_order": "sub_glb",
+    "projection_cls": "mlp",
+    "use_hd_transform": True,
+    "with_learnable_separator": True,
+}
+_PHI3_V_CLIP = {"name": "clip_vision_model", "model_name": "openai/clip-vit-large-patch14-336"}
+
+
+def phi3_v_from_hf(hf: dict) -> Phi3VConfig:
+    embd, img = hf.get("embd_layer") or {}, hf.get("img_processor") or {}
+    if any(embd.get(k) != v for k, v in _PHI3_V_EMBD_LAYER.items()):
+        raise UnsupportedModelError(
+            f"phi3_v embd_layer {embd} is not supported; expected {_PHI3_V_EMBD_LAYER}"
+        )
+    if any(img.get(k) != v for k, v in _PHI3_V_CLIP.items()) or img.get("type_feature", "patch") != "patch":
+        raise UnsupportedModelError(f"phi3_v img_processor {img} is not supported; expected {_PHI3_V_CLIP}")
+    cfg = Phi3VConfig(
+        text=decoder_from_hf({**hf, "model_type": "phi3"}),
+        vision=clip_from_hf(img.get("vision_config", {})),
+        feature_layer=int(img.get("layer_idx", -2)),
+    )
+    derived = {"image_dim_out": cfg.vision.hidden_size, "num_img_tokens": cfg.merged_side**2}
+    if any(img.get(k, v) != v for k, v in derived.items()):
+        raise UnsupportedModelError(f"phi3_v img_processor {img} disagrees with its CLIP tower {derived}")
+    return cfg
+
+
+def phi3_v_to_hf(cfg: Phi3VConfig) -> dict:
+    hf = decoder_to_hf(cfg.text)
+    if "rope_scaling" in hf:
+        if "attention_factor" in hf["rope_scaling"]:
+            raise UnsupportedModelError("phi3_v rope scaling cannot carry an explicit attention_factor")
+        hf["rope_scaling"]["type"] = "su"  # the remote Phi3VConfig accepts only su and yarn
+    img: dict[str, Any] = {
+        **_PHI3_V_CLIP,
+        "image_dim_out": cfg.vision.hidden_size,
+        "num_img_tokens": cfg.merged_side**2,
+    }
+    if cfg.feature_layer != -2:
+        img["layer_idx"] = cfg.feature_layer
+    clip_l = CLIPVisionConfig()
+    changed = {
+        n: getattr(cfg.vision, n) for n in _CLIP_FIELDS if getattr(cfg.vision, n) != getattr(clip_l, n)
+    }
+    if changed:
+        img["vision_config"] = changed
+    hf.update(
+        model_type="phi3_v",
+        architectures=["Phi3VForCausalLM"],
+        embd_layer=dict(_PHI3_V_EMBD_LAYER),
+        img_processor=img,
+    )
+    return hf
+
+
+def _with_hf_defaults(hf: dict) -> dict:
+    """config.json completed with the defaults transformers fills in when it loads it.
+
+    Hub LLaVA-NeXT configs store sub-configs as differences from defaults (llava-hf's Mistral
+    text_config has no hidden_size or num_hidden_layers), so they are read through transformers'
+    own config classes, in whichever major version is installed.
+    """
+    import transformers  # only composite configs need it; it is slow to import
+
+    kwargs = copy.deepcopy({k: v for k, v in hf.items() if k != "model_type"})
+    return transformers.AutoConfig.for_model(hf["model_type"], **kwargs).to_dict()
+
+
+def llava_next_from_hf(hf: dict) -> LlavaNextConfig:
+    full = _with_hf_defaults(hf)
+    text, vision = full["text_config"], full["vision_config"]
+    if text["model_type"] not in ("llama", "mistral"):
+        raise UnsupportedModelError(
+            f"llava_next text_config model_type {text['model_type']!r} is not supported (llama, mistral)"
+        )
+    if vision["model_type"] != "clip_vision_model":
+        raise UnsupportedModelError(
+            f"llava_next vision_config model_type {vision['model_type']!r} is not supported (clip_vision_model)"
+        )
+    if not isinstance(full["vision_feature_layer"], int):
+        raise UnsupportedModelError("llava_next with several vision_feature_layer indices is not supported")
+    if full["vision_feature_select_strategy"] != "default":
+        # "full" keeps CLS, so a tile's features no longer form the square map anyres packing needs.
+        raise UnsupportedModelError("llava_next vision_feature_select_strategy must be 'default'")
+    return LlavaNextConfig(
+        text=decoder_from_hf(text),
+        vision=clip_from_hf(vision),
+        image_token_index=int(full["image_token_index"]),
+        image_grid_pinpoints=tuple((int(h), int(w)) for h, w in full["image_grid_pinpoints"]),
+        vision_feature_layer=full["vision_feature_layer"],
+        projector_hidden_act=full["projector_hidden_act"],
+        multimodal_projector_bias=bool(full.get("multimodal_projector_bias", True)),
+    )
+
+
+def llava_next_to_hf(cfg: LlavaNextConfig) -> dict:
+    return {
+        "model_type": "llava_next",
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "text_config": decoder_to_hf(cfg.text),
+        "vision_config": clip_to_hf(cfg.vision),
+        "image_token_index": cfg.image_token_index,
+        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "projector_hidden_act": cfg.projector_hidden_act,
+        "multimodal_projector_bias": cfg.multimodal_projector_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": cfg.param_dtype,
+    }
+
+
+# Prefix renames of LLaVA-NeXT tensor names (ours = the hub layout that transformers 4 saves).
+_LLAVA_NEXT_IN_MEMORY = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
+)
+_LLAVA_NEXT_LAYOUTS = (
+    (),
+    # transformers 5 save_pretrained: CLIP flattened (no `vision_model.`), the rest as on the hub.
+    (("vision_tower.vision_model.", "vision_tower."),),
+    # transformers 5 state_dict (and its checkpoint conversion targets).
+    (*_LLAVA_NEXT_IN_MEMORY, ("vision_tower.vision_model.", "model.vision_tower.")),
+    # transformers 4.5x state_dict.
+    (*_LLAVA_NEXT_IN_MEMORY, ("vision_tower.", "model.vision_tower.")),
+)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to build, convert and export one HF model type."""
@@ -167,6 +305,23 @@ SPECS: dict[str, ModelSpec] = {
         clip_to_hf,
         # transformers 5 flattens CLIPVisionModel and drops the `vision_model.` prefix.
         key_layouts=((), (("vision_model.", ""),)),
+    ),
+    "phi3_v": ModelSpec(
+        "phi3_v",
+        Phi3VConfig,
+        Phi3VForCausalLM,
+        phi3_v_from_hf,
+        phi3_v_to_hf,
+        # The image embedding's `wte` is embed_tokens itself; checkpoints that store it hold a copy.
+        aliases=(r"^model\.vision_embed_tokens\.wte\.weight$",),
+    ),
+    "llava_next": ModelSpec(
+        "llava_next",
+        LlavaNextConfig,
+        LlavaNext,
+        llava_next_from_hf,
+        llava_next_to_hf,
+        key_layouts=_LLAVA_NEXT_LAYOUTS,
     ),
 }
 

@@ -29,6 +29,7 @@ from unime_jax.processing.images import (
 __all__ = [
     "LLAVA_V16_PINPOINTS",
     "LlavaNextImageProcessor",
+    "LlavaProcessedImage",
     "fit_size",
     "llava_next_num_tokens",
     "select_best_resolution",
@@ -109,6 +110,18 @@ def llava_next_num_tokens(
 
 
 @dataclass(frozen=True)
+class LlavaProcessedImage(ProcessedImage):
+    """A processed LLaVA-NeXT image plus the crop grid of its pinpoint.
+
+    ``image_grid`` is (rows, cols) = ``select_best_resolution(image_size, pinpoints) // crop_size``,
+    the model's ``image_grids`` input. The choice is made here, in float64 exactly as HF makes it,
+    because near-ties can flip under the float32 or integer arithmetic a device would use.
+    """
+
+    image_grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class LlavaNextImageProcessor:
     """LLaVA-v1.6 preprocessing; defaults are llava-hf/llava-v1.6-mistral-7b-hf's."""
 
@@ -140,13 +153,18 @@ class LlavaNextImageProcessor:
     def best_resolution(self, height: int, width: int) -> tuple[int, int]:
         return select_best_resolution((height, width), self.image_grid_pinpoints)
 
+    def image_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of crops the best pinpoint for an image of this size is cut into."""
+        target_h, target_w = self.best_resolution(height, width)
+        return target_h // self.crop_size, target_w // self.crop_size
+
     def num_tokens(self, height: int, width: int) -> int:
         """Image tokens for an original image of this size."""
         return llava_next_num_tokens(
             (height, width), self.image_grid_pinpoints, self.crop_size, self.patch_size
         )
 
-    def __call__(self, image: ImageInput) -> ProcessedImage:
+    def __call__(self, image: ImageInput) -> LlavaProcessedImage:
         image = to_rgb(image)
         height, width = image.height, image.width
         target_h, target_w = self.best_resolution(height, width)
@@ -162,8 +180,9 @@ class LlavaNextImageProcessor:
         base = np.asarray(image.resize((self.crop_size, self.crop_size), Image.Resampling.BICUBIC))
         crops = split_into_crops(normalize(letterboxed, self.image_mean, self.image_std), self.crop_size)
         base_crop = normalize(base, self.image_mean, self.image_std)[None]
-        return ProcessedImage(
+        return LlavaProcessedImage(
             pixel_values=np.concatenate([base_crop, crops]),
             image_size=(height, width),
             num_tokens=self.num_tokens(height, width),
+            image_grid=(target_h // self.crop_size, target_w // self.crop_size),
         )

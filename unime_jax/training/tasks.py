@@ -16,14 +16,15 @@ from unime_jax.training.losses import nli_candidates, stage1_kd_loss, stage2_har
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# What the backbones' __call__ accepts; other `<group>_*` keys (e.g. `target_ids`) feed the loss.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grids")
 
 
 def group_inputs(batch: Batch, group: str) -> dict[str, jax.Array]:
     """Model inputs of one group; a (rows, k, ...) group (mined negatives) is flattened to (rows*k, ...)."""
-    prefix = f"{group}_"
-    inputs = {key[len(prefix) :]: value for key, value in batch.items() if key.startswith(prefix)}
+    inputs = {name: batch[f"{group}_{name}"] for name in MODEL_INPUTS if f"{group}_{name}" in batch}
     if "attention_mask" not in inputs:
-        raise KeyError(f"batch has no '{prefix}attention_mask'; keys are {sorted(batch)}")
+        raise KeyError(f"batch has no '{group}_attention_mask'; keys are {sorted(batch)}")
     lead = inputs["attention_mask"].ndim - 1  # 1 for (rows, T), 2 for (rows, k, T)
     if lead == 2:
         inputs = {k: v.reshape(-1, *v.shape[2:]) for k, v in inputs.items()}

@@ -17,7 +17,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unime_jax.models import pooling
+from unime_jax.models import lora, pooling
 from unime_jax.sharding import shard_state
 from unime_jax.training.gradcache import EmbedFn, direct_value_and_grad, gradcache_value_and_grad
 from unime_jax.training.optimizer import OptimizerConfig, make_optimizer
@@ -32,28 +32,6 @@ class TrainState:
     rng: jax.Array  # raw uint32 PRNG key; step keys are fold_in(rng, step)
     nonfinite_run: jax.Array  # consecutive steps skipped for NaN/inf
     skipped: jax.Array  # steps skipped in total
-
-
-def trainable_filter(model: nnx.Module) -> type[nnx.Variable]:
-    """LoRA adapters when the model has them, every parameter otherwise (full fine-tuning)."""
-    return nnx.LoRAParam if nnx.state(model, nnx.LoRAParam) else nnx.Param
-
-
-def reseed(state: nnx.State, key: jax.Array) -> nnx.State:
-    """Set every RNG stream in `state` (e.g. LoRA dropout) from `key`, each stream with its own fold.
-
-    Called with the same (step, group, chunk) key in GradCache's two passes, so both draw
-    identical dropout masks.
-    """
-    leaves, treedef = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    out = []
-    for i, var in enumerate(leaves):
-        if isinstance(var, nnx.RngKey):
-            var = var.replace(jax.random.wrap_key_data(jax.random.fold_in(key, i)))
-        elif isinstance(var, nnx.RngCount):
-            var = var.replace(jnp.zeros_like(var.get_value()))
-        out.append(var)
-    return jax.tree.unflatten(treedef, out)
 
 
 def _path_key(path: tuple) -> str:
@@ -96,7 +74,7 @@ class Trainer:
         cfg: TrainerConfig = TrainerConfig(),
     ):
         self.task, self.mesh, self.cfg = task, mesh, cfg
-        self.graphdef, params, self.frozen = nnx.split(model, trainable_filter(model), ...)
+        self.graphdef, params, self.frozen = nnx.split(model, lora.trainable_filter(model), ...)
         self.params = shard_state(params, mesh)
         self.tx, self.schedule = make_optimizer(optimizer, total_steps)
         self.accumulation = optimizer.accumulation_steps
@@ -107,7 +85,8 @@ class Trainer:
         """(trainable params, model inputs, dropout key) -> L2-normalised last-token embeddings."""
 
         def embed(params: Any, inputs: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-            model = nnx.merge(self.graphdef, params, reseed(frozen, key))
+            # Fresh variables (copy=True): remat and dropout write to the model inside this trace.
+            model = nnx.merge(self.graphdef, params, lora.lora_dropout_keys(frozen, key), copy=True)
             return pooling.embed(model(**inputs), inputs["attention_mask"])
 
         return embed

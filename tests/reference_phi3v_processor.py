@@ -1,0 +1,93 @@
+"""Run VLM2Vec's Phi-3.5-V image processor, unmodified and with the real torchvision, on image files.
+
+Run it with the reference interpreter (``bash scripts/reference_env.sh`` prints its path), not the
+main test env: torchvision does not install beside the main env's torch. tests/test_images.py
+calls it through ``subprocess``; by hand::
+
+    .venv-ref/bin/python tests/reference_phi3v_processor.py OUT.npz < spec.json
+    .venv-ref/bin/python tests/reference_phi3v_processor.py OUT.npz --spec spec.json
+
+The spec is JSON::
+
+    {"cases": [{"image": "/path/a.png", "num_crops": 4}, ...],
+     "token_sizes": {"num_crops": [1, 4, 9, 16], "sizes": [[height, width], ...]}}
+
+``token_sizes`` is optional. OUT.npz then holds, for case ``i``, what ``preprocess(image,
+return_tensors="pt")`` returns for its one image: ``pixel_values_{i}`` (num_crops + 1, 3, 336, 336)
+float32, ``image_sizes_{i}`` (2,) int64 as (height, width) and ``num_img_tokens_{i}`` () int64; with
+``token_sizes``, ``size_tokens`` (len(num_crops), len(sizes)) int64 from
+``calc_num_image_tokens_from_image_size(width, height)``; and ``versions``, the torch, torchvision
+and transformers versions that produced them, with torchvision's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+REFERENCE = "vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.image_processing_phi3_v"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="the .npz file to write")
+    parser.add_argument("--spec", default="-", help="the JSON spec file; '-' (default) reads stdin")
+    args = parser.parse_args(argv)
+    if args.spec == "-":
+        spec = json.load(sys.stdin)
+    else:
+        with open(args.spec) as file:
+            spec = json.load(file)
+
+    import importlib
+
+    import torch
+    import torchvision
+    import transformers
+
+    with warnings.catch_warnings():
+        # Its AutoImageProcessor.register call uses an argument transformers has deprecated.
+        warnings.simplefilter("ignore", FutureWarning)
+        reference = importlib.import_module(REFERENCE)
+
+    arrays: dict[str, np.ndarray] = {}
+    processors: dict[int, object] = {}
+    for index, case in enumerate(spec["cases"]):
+        num_crops = int(case["num_crops"])
+        if num_crops not in processors:
+            processors[num_crops] = reference.Phi3VImageProcessor(num_crops=num_crops)
+        with Image.open(case["image"]) as image:
+            image.load()
+            out = processors[num_crops].preprocess(image, return_tensors="pt")
+        arrays[f"pixel_values_{index}"] = out["pixel_values"][0].numpy()
+        arrays[f"image_sizes_{index}"] = np.asarray(out["image_sizes"][0], dtype=np.int64)
+        arrays[f"num_img_tokens_{index}"] = np.asarray(out["num_img_tokens"][0], dtype=np.int64)
+
+    token_sizes = spec.get("token_sizes")
+    if token_sizes is not None:
+        arrays["size_tokens"] = np.asarray(
+            [
+                [
+                    reference.Phi3VImageProcessor(
+                        num_crops=int(num_crops)
+                    ).calc_num_image_tokens_from_image_size(int(width), int(height))
+                    for height, width in token_sizes["sizes"]
+                ]
+                for num_crops in token_sizes["num_crops"]
+            ],
+            dtype=np.int64,
+        )
+
+    arrays["versions"] = np.asarray(
+        [torch.__version__, torchvision.__version__, transformers.__version__, torchvision.__file__]
+    )
+    np.savez(args.output, **arrays)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Retrieval metrics on hand-built similarity matrices with known answers."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from unime_jax.eval.retrieval import (
+    compositional_acc,
+    evaluate,
+    gold_mask,
+    hits_at_k,
+    i2t_r1,
+    l2_normalize,
+    recall_at_k,
+    t2i_r1,
+)
+
+SIM = np.array(
+    [
+        [0.9, 0.1, 0.2],  # gold 0: top → hit
+        [0.3, 0.2, 0.8],  # gold 2: top → hit
+        [0.5, 0.6, 0.1],  # gold 0: second → miss at 1, hit at 2
+    ]
+)
+
+
+def test_recall_at_k_known_answers():
+    assert recall_at_k(SIM, [0, 2, 0], k=1) == pytest.approx(2 / 3)
+    assert recall_at_k(SIM, np.array([0, 2, 0]), k=2) == 1.0
+    assert recall_at_k(SIM, [1, 0, 2], k=1) == 0.0
+    assert recall_at_k(SIM, [1, 0, 2], k=2) == pytest.approx(1 / 3)  # only query 1 (0.3 ranks 2nd)
+    assert recall_at_k(SIM, [1, 0, 2], k=3) == 1.0
+    assert hits_at_k(SIM, [0, 2, 0]).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_recall_with_gold_sets_and_masks():
+    assert recall_at_k(SIM, [{0}, {2}, {0, 1}]) == 1.0  # query 2's top (1) is acceptable
+    assert recall_at_k(SIM, [{1, 2}, [0, 2], (0,)]) == pytest.approx(1 / 3)
+    mask = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 0]], dtype=bool)
+    assert recall_at_k(SIM, mask) == recall_at_k(SIM, [{0}, {2}, {0, 1}]) == 1.0
+    np.testing.assert_array_equal(gold_mask([0, {1, 2}], 2, 3), [[1, 0, 0], [0, 1, 1]])
+
+
+def test_non_square_matrix():
+    sim = np.array([[0.1, 0.7, 0.3, 0.2], [0.4, 0.0, 0.2, 0.3]])
+    assert recall_at_k(sim, [1, 0]) == 1.0
+    assert recall_at_k(sim, [2, 3]) == 0.0
+    assert recall_at_k(sim, [2, 3], k=2) == 1.0
+
+
+def test_all_equal_similarities_are_not_a_free_hit():
+    sim = np.full((4, 4), 0.5)
+    assert recall_at_k(sim, np.arange(4), k=1) == 0.0
+    assert recall_at_k(sim, np.arange(4), k=3) == 0.0
+    assert recall_at_k(sim, np.arange(4), k=4) == 1.0
+    assert recall_at_k(sim, np.arange(4), k=1, ties="expected") == pytest.approx(0.25)  # chance
+    assert recall_at_k(sim, np.arange(4), k=2, ties="expected") == pytest.approx(0.5)
+    assert recall_at_k(sim, [{0, 1}] * 4, k=1, ties="expected") == pytest.approx(0.5)
+    assert recall_at_k(sim, [set(range(4))] * 4, k=1) == 1.0  # every candidate is gold
+
+
+def test_tie_rule_ignores_index_order():
+    sim = np.array([[0.5, 0.5, 0.1]])
+    # gold tied with a non-gold: a miss whichever of the two is gold (no lower-index-wins bias)
+    assert recall_at_k(sim, [0]) == 0.0
+    assert recall_at_k(sim, [1]) == 0.0
+    assert recall_at_k(sim, [0], k=2) == 1.0
+    assert recall_at_k(sim, [0], ties="expected") == pytest.approx(0.5)
+    assert recall_at_k(sim, [1], ties="expected") == pytest.approx(0.5)
+    # a strictly higher gold is still a hit, and a tie below the top does not matter
+    assert recall_at_k(np.array([[0.9, 0.5, 0.5]]), [0]) == 1.0
+
+
+def test_results_invariant_to_candidate_permutation():
+    rng = np.random.default_rng(0)
+    sim = rng.integers(0, 3, size=(30, 6)).astype(float)  # many ties
+    gold = rng.integers(0, 6, size=30)
+    for perm in itertools.islice(itertools.permutations(range(6)), 0, 720, 97):
+        perm = np.asarray(perm)
+        inverse = np.argsort(perm)
+        for ties in ("against_gold", "expected"):
+            for k in (1, 2):
+                assert recall_at_k(sim[:, perm], inverse[gold], k, ties) == recall_at_k(sim, gold, k, ties)
+
+
+def _brute_force_expected(row, gold_set, k):
+    """Average hit@k over every order that sorts by score (ties in every possible order)."""
+    hits = total = 0
+    for order in itertools.permutations(range(len(row))):
+        if all(row[a] >= row[b] for a, b in itertools.pairwise(order)):
+            total += 1
+            hits += bool(set(order[:k]) & gold_set)
+    return hits / total
+
+
+def test_expected_ties_match_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        row = rng.integers(0, 3, size=6).astype(float)
+        gold = set(rng.choice(6, size=int(rng.integers(1, 3)), replace=False).tolist())
+        for k in (1, 2, 3):
+            want = _brute_force_expected(row, gold, k)
+            assert hits_at_k(row[None], [gold], k, ties="expected")[0] == pytest.approx(want)
+            # the default is the worst order: a hit only if every order is a hit
+            assert hits_at_k(row[None], [gold], k)[0] == float(want == 1.0)
+
+
+@pytest.mark.parametrize(
+    ("sim", "gold", "k"),
+    [
+        (np.array([[0.1, np.nan]]), [0], 1),
+        (np.ones((2, 3)), [0, 3], 1),
+        (np.ones((2, 3)), [0, -1], 1),
+        (np.ones((2, 3)), [0], 1),
+        (np.ones((2, 3)), [{0}, set()], 1),
+        (np.ones((2, 3)), [0, 1], 0),
+        (np.ones(3), [0], 1),
+        (np.ones((2, 3)), np.ones((3, 2), dtype=bool), 1),
+    ],
+)
+def test_bad_inputs_rejected(sim, gold, k):
+    with pytest.raises(ValueError):
+        recall_at_k(sim, gold, k)
+
+
+def test_bad_tie_rule_rejected():
+    with pytest.raises(ValueError):
+        recall_at_k(SIM, [0, 1, 2], ties="optimistic")
+
+
+# --- paired retrieval -----------------------------------------------------------------------------
+
+# text i = basis vector i, so t2i sims are M.T and i2t sims are M.
+TEXTS = np.eye(3)
+IMAGES = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_paired_r1_known_answers():
+    # i2t: image 1 is closer to text 0 (0.8) than to its own text (0.6)
+    assert i2t_r1(IMAGES, TEXTS) == pytest.approx(2 / 3)
+    # t2i: text 1 only matches image 1 (0.6 vs 0, 0): every text finds its image
+    assert t2i_r1(TEXTS, IMAGES) == 1.0
+    # swapping the roles of the two sides changes the answer: the arguments are not symmetric
+    assert t2i_r1(IMAGES, TEXTS) == pytest.approx(2 / 3)
+
+
+def test_group_ids_credit_equivalent_items():
+    # texts 0 and 1 are the same caption (two images drawn from it): retrieving text 0 for image 1 is right
+    assert i2t_r1(IMAGES, TEXTS, text_ids=[7, 7, 3]) == 1.0
+    # ids that do not group the pair give no credit
+    assert i2t_r1(IMAGES, TEXTS, text_ids=[7, 3, 3]) == pytest.approx(2 / 3)
+    # identical duplicate images tie at the top: a miss without ids, a hit with them
+    images = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    texts = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert t2i_r1(texts, images) == pytest.approx(1 / 3)
+    assert t2i_r1(texts, images, image_ids=[0, 0, 1]) == 1.0
+    assert i2t_r1(images, texts) == pytest.approx(1 / 3)
+    assert i2t_r1(images, texts, text_ids=np.array([5, 5, 2])) == 1.0
+    assert t2i_r1(texts, images, ties="expected") == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_paired_shape_checks():
+    with pytest.raises(ValueError):
+        t2i_r1(np.eye(3), np.eye(4)[:, :3])
+    with pytest.raises(ValueError):
+        i2t_r1(np.eye(3), np.eye(3), text_ids=[0, 1])
+
+
+# --- compositional accuracy -----------------------------------------------------------------------
+
+
+def test_compositional_acc_strict():
+    images = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    true = np.array([[0.9, 0.1], [0.2, 0.9], [0.6, 0.8], [0.0, 1.0]])
+    twin = np.array([[0.5, 0.5], [0.3, 0.9], [0.6, 0.0], [1.0, 0.0]])
+    # wins: 0.9 > 0.5, 0.2 < 0.3 (loss), 0.6 == 0.6 (tie: wrong), 1 > 0
+    assert compositional_acc(images, true, twin) == 0.5
+    assert compositional_acc(images, true, true) == 0.0  # identical twin: all ties, all wrong
+    assert compositional_acc(images, twin, true) == 0.25  # only image 1 prefers the "twin" side
+    with pytest.raises(ValueError):
+        compositional_acc(images, true, twin[:3])
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+
+def test_evaluate_keys_and_values():
+    twins = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    out = evaluate(IMAGES, TEXTS, twins)
+    assert set(out) == {"t2i_r1", "i2t_r1", "compositional_acc", "chance_r1"}
+    assert out["t2i_r1"] == 1.0
+    assert out["i2t_r1"] == pytest.approx(2 / 3)
+    # image 0: 1 vs 0 win; image 1: 0.6 vs 0.8 loss; image 2: 1 vs 0 win
+    assert out["compositional_acc"] == pytest.approx(2 / 3)
+    assert out["chance_r1"] == pytest.approx(1 / 3)
+
+    grouped = evaluate(IMAGES, TEXTS, twins, text_ids=[4, 4, 9], twin_kinds=["a", "b", "a"])
+    assert grouped["i2t_r1"] == 1.0  # the ids serve both sides when only one is given
+    assert grouped["chance_r1"] == pytest.approx(1 / 2)  # two distinct captions
+    assert grouped["compositional_acc/a"] == 1.0
+    assert grouped["compositional_acc/b"] == 0.0
+    with pytest.raises(ValueError):
+        evaluate(IMAGES, TEXTS, twins, twin_kinds=["a"])
+
+
+def test_evaluate_collapsed_embeddings_score_no_better_than_chance():
+    n = 5
+    same = np.tile(l2_normalize(np.ones((1, 4))), (n, 1))
+    out = evaluate(same, same, same)
+    assert out["t2i_r1"] == out["i2t_r1"] == out["compositional_acc"] == 0.0
+    assert out["chance_r1"] == pytest.approx(1 / n)
+    expected = evaluate(same, same, same, ties="expected")
+    assert expected["t2i_r1"] == expected["i2t_r1"] == pytest.approx(out["chance_r1"])
+
+
+def test_evaluate_normalize():
+    scaled = IMAGES * np.array([[1.0], [10.0], [1.0]])  # image 1's large norm pulls text 0 away
+    assert evaluate(scaled, TEXTS, TEXTS)["t2i_r1"] == pytest.approx(2 / 3)
+    assert evaluate(scaled, TEXTS, TEXTS, normalize=True)["t2i_r1"] == 1.0
+    np.testing.assert_allclose(np.linalg.norm(l2_normalize(scaled), axis=1), 1.0)

@@ -1,0 +1,68 @@
+"""Data config sections, loadable with :func:`unime_jax.config.from_dict` (``data:`` in a run config).
+
+Every field carries a trailing comment: :func:`unime_jax.config.describe` shows it in ``--help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["DataSection", "LoaderSection", "MmebSection", "NliSection", "TextSection"]
+
+
+@dataclass
+class LoaderSection:
+    batch_size: int = 32  # examples per process per batch; the global batch is this × process count
+    num_epochs: int | None = None  # passes over the data; None repeats forever (the engine stops by steps)
+    num_workers: int = 0  # grain worker processes featurizing batches; 0 = in the training process
+    worker_buffer_size: int = 2  # batches each worker prepares ahead
+    read_threads: int = 1  # threads per process featurizing batches ahead (0 = synchronous)
+    prefetch_batches: int = 2  # batches buffered per process by those threads
+    bucket_lengths: tuple[int, ...] = ()  # cut sequences to the smallest fitting length per role; () = no cut
+    max_bad_fraction: float = 0.01  # stop once more than this fraction of samples was skipped as bad ...
+    min_samples_before_stop: int = 1000  # ... but only judge after this many samples (per process)
+    max_replacement_draws: int = 32  # random replacements tried for a bad sample before giving up
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be within [0, 1], got {self.max_bad_fraction}")
+        buckets = list(self.bucket_lengths)
+        if buckets != sorted(set(buckets)) or any(b < 1 for b in buckets):
+            raise ValueError(f"bucket_lengths must be positive and increasing, got {self.bucket_lengths}")
+
+
+@dataclass
+class TextSection:
+    # E5-V/UniME stage-1 prompts: Phi-3.5-V '<|user|>\n{text}\nSummary above sentence in one word:<|end|>\n<|assistant|>\n',
+    # LLaVA-1.6 '[INST] {text}\nSummary above sentence in one word: [/INST]'.
+    template: str = "{text}"  # stage-1 prompt with one {text} placeholder
+    max_len: int = 64  # prompt length in tokens; longer texts are shortened (template kept) and counted
+
+
+@dataclass
+class NliSection:
+    csv: str  # SimCSE nli_for_simcse.csv (columns sent0,sent1,hard_neg)
+    teacher_dir: str  # store written by python -m unime_jax.teacher for exactly this csv
+    teacher: str | None = None  # require this teacher name in the store manifest (None: any)
+    teacher_dim: int | None = None  # require this embedding dimension (None: any)
+    instruction: str | None = None  # require this teacher instruction (None: any)
+
+
+@dataclass
+class MmebSection:
+    root: str  # MMEB-train download: <root>/<Subset>/<split>-*.parquet
+    image_root: str | None = None  # directory the parquet image paths are relative to; None = root
+    split: Literal["original", "diverse_instruction"] = "original"  # instruction variant
+    subsets: tuple[str, ...] = ()  # subsets to use; () = every subset found under root
+    max_per_subset: int | None = 100000  # first rows kept per subset (VLM2Vec: 100000); None = all
+
+
+@dataclass
+class DataSection:
+    loader: LoaderSection = field(default_factory=LoaderSection)  # batching, workers, bad-sample policy
+    text: TextSection = field(default_factory=TextSection)  # stage-1 student prompt and length
+    nli: NliSection | None = None  # stage-1 data
+    mmeb: MmebSection | None = None  # stage-2 data

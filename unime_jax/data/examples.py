@@ -1,0 +1,100 @@
+"""Records → examples: every side of a record through the featurizer, keys prefixed by role.
+
+Stage 1 (NLI): ``anchor_*``, ``positive_*``, ``negative_*`` token arrays and ``teacher_anchor``,
+``teacher_positive``, ``teacher_negative`` (float32 (dim,)).
+Stage 2 (MMEB): ``query_*``, ``target_*`` featurizer arrays and ``target_ids`` (int32 scalar); with
+k attached negatives also ``negative_*`` with a leading (k,) axis and ``mined_target_ids`` (k,) (named
+outside the ``negative_`` prefix, which the engine reads as model inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from unime_jax.data.errors import BadSample
+from unime_jax.data.featurize import TRUNCATED, Featurizer
+from unime_jax.data.images import load_image
+from unime_jax.data.nli import NLI_COLUMNS, NliRecord
+
+if TYPE_CHECKING:  # stage-1 users need not have pyarrow, which the MMEB reader imports
+    from PIL import Image
+
+    from unime_jax.data.mmeb import MmebRecord, TextImage
+
+__all__ = ["NLI_ROLES", "Example", "MmebExamples", "NliExamples"]
+
+NLI_ROLES = ("anchor", "positive", "negative")  # sent0, sent1, hard_neg
+
+
+@dataclass(frozen=True)
+class Example:
+    arrays: dict[str, np.ndarray]  # fixed shapes: examples stack into a static batch
+    truncated: int = 0  # texts the featurizer shortened to fit
+
+
+def _featurize(
+    featurizer: Featurizer, text: str, image: Image.Image | None, where: str
+) -> tuple[dict[str, np.ndarray], int]:
+    if not text.strip():
+        raise BadSample("empty_text", where)
+    features = dict(featurizer(text, image))
+    return features, int(features.pop(TRUNCATED, False))
+
+
+def _prefixed(role: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{role}_{key}": value for key, value in arrays.items()}
+
+
+@dataclass(frozen=True)
+class NliExamples:
+    """Stage-1 example from an :class:`NliRecord` that carries teacher embeddings."""
+
+    featurizer: Featurizer
+
+    def __call__(self, record: NliRecord) -> Example:
+        if record.teacher is None:
+            raise ValueError("stage-1 examples need teacher embeddings: open the NliSource with teacher_dir")
+        arrays: dict[str, np.ndarray] = {}
+        truncated = 0
+        for role, column, text in zip(NLI_ROLES, NLI_COLUMNS, record.texts, strict=True):
+            features, cut = _featurize(
+                self.featurizer, text, None, f"{record.file} row {record.row} column {column}"
+            )
+            arrays |= _prefixed(role, features)
+            truncated += cut
+        teacher = record.teacher.astype(np.float32)
+        arrays |= {f"teacher_{role}": teacher[i] for i, role in enumerate(NLI_ROLES)}
+        return Example(arrays, truncated)
+
+
+@dataclass(frozen=True)
+class MmebExamples:
+    """Stage-2 example from an :class:`MmebRecord`; images are read from `image_root`."""
+
+    featurizer: Featurizer
+    image_root: Path
+
+    def _side(self, side: TextImage, where: str) -> tuple[dict[str, np.ndarray], int]:
+        image = load_image(self.image_root / side.image_path, where) if side.image_path else None
+        return _featurize(self.featurizer, side.text, image, where)
+
+    def __call__(self, record: MmebRecord) -> Example:
+        where = f"{record.file} row {record.row} ({record.subset})"
+        query, cut_query = self._side(record.query, f"{where} qry")
+        target, cut_target = self._side(record.target, f"{where} pos")
+        arrays = _prefixed("query", query) | _prefixed("target", target)
+        arrays["target_ids"] = np.int32(record.target_id)
+        truncated = cut_query + cut_target
+        if record.negatives:
+            sides = [self._side(neg, f"{where} negative {j}") for j, neg in enumerate(record.negatives)]
+            arrays |= _prefixed(
+                "negative", {key: np.stack([s[0][key] for s in sides]) for key in sides[0][0]}
+            )
+            arrays["mined_target_ids"] = np.asarray(record.negative_target_ids, np.int32)
+            truncated += sum(s[1] for s in sides)
+        return Example(arrays, truncated)

@@ -1,0 +1,39 @@
+"""Opening images for featurizers: every failure becomes a counted :class:`BadSample`."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from unime_jax.data.errors import BadSample
+
+# What PIL raises on truncated, corrupt or unsupported data: OSError covers UnidentifiedImageError
+# and truncated files; ValueError/DecompressionBombError come from malformed headers and huge sizes.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decoded_rgb(image: Image.Image) -> Image.Image:
+    image.load()  # PIL decodes lazily: force it here so corrupt pixel data fails now, not in a featurizer
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, where: str) -> Image.Image:
+    """Open and fully decode an image file as RGB; `where` names the record for the skip log."""
+    try:
+        with Image.open(path) as image:
+            return _decoded_rgb(image)
+    except FileNotFoundError as e:
+        raise BadSample("missing_image", f"{where}: {path} does not exist") from e
+    except DECODE_ERRORS as e:
+        raise BadSample("unreadable_image", f"{where}: {path}: {e}") from e
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, ...) as RGB; `where` names the record for the skip log."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _decoded_rgb(image)
+    except DECODE_ERRORS as e:
+        raise BadSample("unreadable_image", f"{where}: {e}") from e

@@ -1,0 +1,1 @@
+"""CPU demo: a synthetic compositional image–caption dataset (``shapes``) small enough to train on a laptop."""

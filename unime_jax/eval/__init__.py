@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and compositional metrics (``retrieval``, pure numpy)."""

@@ -1,0 +1,306 @@
+"""LoRA inside our `Linear` layers: regex targeting, UniME presets, merging, trainable filters.
+
+An adapted `Linear` at module path P gains children named as PEFT names them, so the PEFT export
+is the usual conversion rule (rename `kernel` -> `weight`, transpose):
+
+    P.lora_A.kernel  (in, r)   nnx.LoRAParam               PEFT P.lora_A.weight (r, in)
+    P.lora_B.kernel  (r, out)  nnx.LoRAParam, zero-init    PEFT P.lora_B.weight (out, r)
+    P.lora_dropout             nnx.Dropout with its own RNG stream (only when dropout > 0)
+
+    y = x @ W + b + lora_B(lora_A(dropout(x))) * alpha / r
+
+The frozen base keeps its dtype (bf16 in training); the adapters are stored in
+`LoRAConfig.param_dtype` (fp32) and computed in the Linear's compute dtype.
+
+Training: `nnx.state(model, nnx.LoRAParam)` is exactly the adapters, so
+`nnx.split(model, nnx.LoRAParam, ...)` gives (trainable, frozen) and an optimizer over the first
+holds state for the adapters only. Without adapters (full fine-tuning) the trainable filter is
+`nnx.Param` (see `trainable_filter`).
+
+Dropout randomness: every `lora_dropout` owns an `nnx.RngStream` tagged `LORA_DROPOUT`, whose
+`RngKey`/`RngCount` variables live in the model state (the frozen part of the split). A dropout
+call draws `fold_in(key, count)` and increments `count`, so a forward pass is a pure function of
+the streams' (key, count) values. The training step overwrites them before every forward with
+`lora_dropout_keys(frozen, key)`: stream i gets (fold_in(key, i), count 0). GradCache passes the
+same per-chunk key (e.g. fold_in(step key, chunk)) to its no-grad pass and to its recompute pass,
+so both draw identical masks; remat replays them as well, since the masks depend only on those
+inputs. Do it functionally, inside the traced function:
+
+    def embed(params, frozen, inputs, key):
+        model = nnx.merge(graphdef, params, lora_dropout_keys(frozen, key), copy=True)
+        return model(**inputs)
+
+Why functionally and why `copy=True`: `nnx.merge` otherwise reuses the state's Variable objects,
+and NNX refuses to mutate a Variable created outside the current trace (TraceContextError). A
+dropout call bumps its count, and the decoder's `nnx.remat` writes every layer variable back, so
+a state closed over from an outer trace (jit -> grad/vjp/checkpoint) fails without fresh
+Variables. Eagerly (or under nnx transforms) `reseed_lora_dropout(model, key)` sets the same
+keys in place. Evaluation skips dropout: `nnx.view(model, deterministic=True, raise_if_not_found=False)`
+(or `model.eval()`); without dropout (rate 0) the model has no RNG state at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unime_jax.models.layers import Linear
+
+# Tag of the adapters' dropout RNG streams (`lora_dropout_keys` resets only these).
+LORA_DROPOUT = "lora_dropout"
+_ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_scale", "lora_dropout")
+
+# PEFT's default LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in)); B = 0, so a new
+# adapter leaves the model's output unchanged.
+_A_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+_B_INIT = nnx.initializers.zeros
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Which Linears get adapters and their hyper-parameters."""
+
+    rank: int  # r
+    alpha: float  # the update is scaled by alpha / r
+    dropout: float  # dropout on the adapter input (training only)
+    targets: str  # regex re.fullmatch-ed against dotted module paths, e.g. model\.layers\.\d+\.mlp\.down_proj
+    param_dtype: str = "float32"  # storage dtype of lora_A / lora_B
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise ValueError(f"LoRA targets {self.targets!r} is not a valid regex: {err}") from err
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# --------------------------------------------------------------------------------------------
+# UniME presets
+
+Family = Literal["llama", "mistral", "phi3"]
+
+# Decoder projections per family: Phi-3 keeps HF's fused kernels, Llama/Mistral separate ones.
+# These are E5-V's stage-1 targets and the LM part of VLM2Vec's stage-2 list.
+_SEPARATE = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)"
+LM_MODULES: dict[str, str] = {
+    "phi3": r"self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj)",
+    "llama": _SEPARATE,
+    "mistral": _SEPARATE,
+}
+
+# CLIP attention projections of the vision tower wherever it sits (LLaVA `vision_tower.`,
+# Phi-3-V `...img_processor.`). VLM2Vec's name list (q/k/v/out_proj) reaches exactly these; it
+# does not name the tower's fc1/fc2.
+VISION_MODULES = (
+    r"(.*\.)?(vision_tower|img_processor)\.vision_model\.encoder\.layers\.\d+\."
+    r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+)
+
+
+@dataclass(frozen=True)
+class StageDefaults:
+    rank: int
+    alpha: float
+    dropout: float
+
+
+# Ranks are the paper's (Table 8: r=32 best in stage 1, r=16 in stage 2); UniME states neither
+# alpha nor dropout. Stage 1 follows E5-V, whose recipe UniME's stage 1 reuses: alpha=16 and
+# dropout=0.05 with only the rank changed (E5-V: r=64). Stage 2 follows VLM2Vec v1, which UniME's
+# stage 2 (and the authors' UniME-v2 code) keeps: alpha=64, dropout=0.1 (VLM2Vec also used DoRA
+# and gaussian A-init; we use plain LoRA with PEFT's default init).
+STAGE1 = StageDefaults(rank=32, alpha=16.0, dropout=0.05)
+STAGE2 = StageDefaults(rank=16, alpha=64.0, dropout=0.1)
+STAGES = {1: STAGE1, 2: STAGE2}
+
+
+def lora_targets(family: Family, *, prefix: str = "", vision: bool = False) -> str:
+    """Regex for the decoder's attention and MLP projections under `prefix` (e.g. "language_model.").
+
+    `vision=True` adds the CLIP tower's attention projections (VLM2Vec-style stage 2).
+    """
+    if family not in LM_MODULES:
+        raise ValueError(f"no LoRA preset for family {family!r}; known: {sorted(LM_MODULES)}")
+    lm = rf"{re.escape(prefix)}model\.layers\.\d+\.({LM_MODULES[family]})"
+    return f"{lm}|{VISION_MODULES}" if vision else lm
+
+
+def unime_lora(family: Family, stage: Literal[1, 2], *, prefix: str = "", vision: bool = False) -> LoRAConfig:
+    """The LoRA UniME trains in `stage` (1: text distillation, 2: instruction tuning), LM only by default."""
+    if stage not in STAGES:
+        raise ValueError(f"UniME has stages 1 and 2, got {stage!r}")
+    d = STAGES[stage]
+    return LoRAConfig(
+        rank=d.rank,
+        alpha=d.alpha,
+        dropout=d.dropout,
+        targets=lora_targets(family, prefix=prefix, vision=vision),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Adding, finding and merging adapters
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _is_adapted(linear: Linear) -> bool:
+    return hasattr(linear, "lora_A")
+
+
+def _linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
+    """(dotted path, Linear) for every base Linear; the adapters' own factors are not candidates."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and not isinstance(node.kernel, nnx.LoRAParam):
+            yield _dotted(path), node
+
+
+def lora_modules(model: nnx.Module) -> list[tuple[str, Linear]]:
+    """(dotted path, Linear) of every Linear that carries an adapter."""
+    return [(path, linear) for path, linear in _linears(model) if _is_adapted(linear)]
+
+
+def _dropout_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+    # A `lora_dropout` stream in `rngs` seeds the masks; otherwise they derive from `params`.
+    # Either way the training step reseeds before every forward (module docstring).
+    if LORA_DROPOUT in rngs:
+        return rngs[LORA_DROPOUT]
+    return nnx.RngStream(rngs.params(), tag=LORA_DROPOUT)
+
+
+def _add_adapter(linear: Linear, cfg: LoRAConfig, rngs: nnx.Rngs, dropout: nnx.RngStream | None) -> None:
+    d_in, d_out = linear.kernel.get_value().shape
+    ax_in, ax_out = linear.kernel.get_metadata().get("logical_axes") or (None, None)
+    factor = {
+        "use_bias": False,
+        "dtype": linear.dtype,
+        "param_dtype": jnp.dtype(cfg.param_dtype),
+        "kernel_type": nnx.LoRAParam,
+        "rngs": rngs,
+    }
+    linear.lora_A = Linear(d_in, cfg.rank, axes=(ax_in, "lora_rank"), kernel_init=_A_INIT, **factor)
+    linear.lora_B = Linear(cfg.rank, d_out, axes=("lora_rank", ax_out), kernel_init=_B_INIT, **factor)
+    linear.lora_scale = cfg.scale
+    if dropout is not None:
+        # Dropout forks the stream, so each adapter has its own (key, count) and its own masks.
+        linear.lora_dropout = nnx.Dropout(cfg.dropout, rng_collection=LORA_DROPOUT, rngs=dropout)
+
+
+def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
+    """Add adapters to every Linear whose dotted path fullmatches `cfg.targets`; returns those paths.
+
+    `rngs.params` initialises lora_A. Raises if the regex matches no Linear or matches one that
+    already has an adapter (merge it first, as UniME does between its stages).
+    """
+    pattern = re.compile(cfg.targets)
+    candidates = list(_linears(model))
+    chosen = [(path, linear) for path, linear in candidates if pattern.fullmatch(path)]
+    if not chosen:
+        examples = ", ".join(path for path, _ in candidates[:4])
+        raise ValueError(
+            f"LoRA targets regex {cfg.targets!r} matches no Linear module (re.fullmatch on dotted "
+            f"paths such as {examples})"
+        )
+    adapted = [path for path, linear in chosen if _is_adapted(linear)]
+    if adapted:
+        raise ValueError(
+            f"{len(adapted)} module(s) already have LoRA adapters (merge_lora first): {adapted[:4]}"
+        )
+    dropout = _dropout_stream(rngs) if cfg.dropout > 0 else None
+    for _, linear in chosen:
+        _add_adapter(linear, cfg, rngs, dropout)
+    return [path for path, _ in chosen]
+
+
+def _strip_adapter(linear: Linear) -> None:
+    for name in _ADAPTER_ATTRS:
+        if hasattr(linear, name):
+            delattr(linear, name)
+
+
+def merge_lora(model: nnx.Module) -> list[str]:
+    """Fold every adapter into its base kernel and remove it; returns the merged module paths.
+
+    W <- W + A @ B * scale, computed in fp32 (at full matmul precision, so GPUs do not use TF32)
+    and cast to W's dtype once. Afterwards the model's state and graph equal the base model's,
+    so `convert.export_hf` writes plain merged HF weights.
+    """
+    merged = lora_modules(model)
+    for _, linear in merged:
+        kernel = linear.kernel.get_value()
+        a = linear.lora_A.kernel.get_value().astype(jnp.float32)
+        b = linear.lora_B.kernel.get_value().astype(jnp.float32)
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * linear.lora_scale
+        linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        _strip_adapter(linear)
+    return [path for path, _ in merged]
+
+
+# --------------------------------------------------------------------------------------------
+# Training helpers
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return bool(nnx.state(model, nnx.LoRAParam))
+
+
+def trainable_filter(model: nnx.Module) -> type[nnx.Param]:
+    """What the optimizer trains: the adapters when there are any, else every parameter (full fine-tune)."""
+    return nnx.LoRAParam if has_lora(model) else nnx.Param
+
+
+def param_counts(model: nnx.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total includes the adapters."""
+
+    def count(state: nnx.State) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+    return count(nnx.state(model, trainable_filter(model))), count(nnx.state(model, nnx.Param))
+
+
+def _as_key(key: jax.Array | int) -> jax.Array:
+    if isinstance(key, int):
+        return jax.random.key(key)
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def lora_dropout_keys(state: nnx.State, key: jax.Array | int) -> nnx.State:
+    """Copy of `state` whose LoRA dropout stream i is (fold_in(key, i), count 0), as new Variables.
+
+    `key`: an int, a typed key or raw uint32 key data. Other variables are passed through.
+    """
+    key = _as_key(key)
+    index = itertools.count()
+
+    def fresh(var: nnx.Variable) -> nnx.Variable:
+        if isinstance(var, nnx.RngKey) and var.tag == LORA_DROPOUT:
+            return var.replace(jax.random.fold_in(key, next(index)))
+        if isinstance(var, nnx.RngCount) and var.tag == LORA_DROPOUT:
+            return var.replace(jnp.zeros_like(var.get_value()))
+        return var
+
+    return jax.tree.map(fresh, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def reseed_lora_dropout(model: nnx.Module, key: jax.Array | int) -> None:
+    """In-place `lora_dropout_keys`: the next forward's masks become a function of `key` alone."""
+    nnx.update(model, lora_dropout_keys(nnx.state(model, nnx.RngState), key))

@@ -1,0 +1,43 @@
+"""Run-config sections for the training stages (`stage1:` / `stage2:` in a YAML config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unime_jax.training.optimizer import OptimizerConfig
+from unime_jax.training.tasks import Stage1Config, Stage2Config
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # false = full fine-tuning of every parameter
+    rank: int | None = None  # LoRA r; null = the paper's (stage 1: 32, stage 2: 16)
+    alpha: float | None = None  # scale alpha/r; null = E5-V's 16 (stage 1) / VLM2Vec's 64 (stage 2)
+    dropout: float | None = None  # adapter input dropout; null = 0.05 (stage 1) / 0.1 (stage 2)
+    targets: str | None = None  # regex over module paths; null = the LM's attention+MLP projections
+    vision: bool = False  # also adapt the vision tower's attention (stage 2 option)
+
+
+@dataclass
+class StageSection:
+    steps: int | None = None  # train steps; null = epochs x batches per epoch
+    epochs: float = 1.0  # passes over the data when steps is null
+    batch_size: int = 32  # global batch (rows); split evenly over processes
+    grad_chunks: int = 1  # GradCache chunks; >1 lets a large batch fit (rows must divide evenly)
+    max_nonfinite: int = 5  # stop after this many consecutive NaN/inf steps
+    save_every: int = 100  # checkpoint interval in steps
+    keep_checkpoints: int = 3  # checkpoints kept per stage (orbax deletes older ones)
+    log_every: int = 1  # metrics interval in steps
+    peak_tflops: float | None = None  # per-device peak for MFU; null = measured rate of known cards
+    lora: LoraSection = field(default_factory=LoraSection)  # adapters (or full fine-tuning)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW + schedule
+
+
+@dataclass
+class Stage1Section(StageSection):
+    loss: Stage1Config = field(default_factory=Stage1Config)  # KD loss choices
+
+
+@dataclass
+class Stage2Section(StageSection):
+    loss: Stage2Config = field(default_factory=Stage2Config)  # hard-negative InfoNCE choices
