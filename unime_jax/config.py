@@ -88,7 +88,9 @@ class MeshSection:
 
 @dataclass
 class DistributedSection:
-    coordinator_address: str | None = None  # host:port of process 0; null = single process or auto-detected cluster
+    coordinator_address: str | None = (
+        None  # host:port of process 0; null = single process or auto-detected cluster
+    )
     num_processes: int | None = None  # processes in the run (with coordinator_address)
     process_id: int | None = None  # this process's index (with coordinator_address)
 
