@@ -47,7 +47,8 @@ def load_hf_model(
     `param_dtype` casts floating-point weights (default: the dtype stored in the files).
     """
     hf_dir = Path(hf_dir)
-    hf = read_hf_config(hf_dir)  # first: a missing config.json is the clearer error
+    hf = read_hf_config(hf_dir)  # first: a missing config.json or unknown model type is the clearer error
+    spec_for(hf["model_type"])
     return load_from_source(
         SafetensorsDir(hf_dir),
         hf,

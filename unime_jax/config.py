@@ -39,12 +39,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from unime_jax.data.config import DataSection
+from unime_jax.demo.config import DemoSection
 from unime_jax.training.sections import Stage1Section, Stage2Section
 
 __all__ = [
     "Config",
     "ConfigError",
     "DistributedSection",
+    "ExportSection",
     "MeshSection",
     "ModelSection",
     "add_config_args",
@@ -73,6 +75,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     checkpoint: str | None = None  # converted unime-jax checkpoint dir or a HuggingFace model dir
+    init: dict[str, Any] | None = None  # no checkpoint: an HF config.json dict to build a random model from
+    tokenizer: str | None = None  # tokenizer dir, or 'mistral-common'; null = the checkpoint dir
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of stored/trainable params
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto = cudnn on GPU with bf16, else xla
@@ -96,6 +100,12 @@ class DistributedSection:
 
 
 @dataclass
+class ExportSection:
+    hf: bool = True  # write <workdir>/export/hf: the trained model merged, as an HF directory
+    peft: bool = True  # write <workdir>/export/peft: the last stage's LoRA as a PEFT adapter (+ its base)
+
+
+@dataclass
 class Config:
     stages: tuple[Literal["stage1", "stage2"], ...] = ("stage1", "stage2")  # stages to run, in order
     model: ModelSection = field(default_factory=ModelSection)  # backbone checkpoint and numerics
@@ -104,6 +114,8 @@ class Config:
     data: DataSection = field(default_factory=DataSection)  # training data
     stage1: Stage1Section = field(default_factory=Stage1Section)  # textual knowledge distillation
     stage2: Stage2Section = field(default_factory=Stage2Section)  # hard-negative instruction tuning
+    export: ExportSection = field(default_factory=ExportSection)  # what is written at the end
+    demo: DemoSection | None = None  # generate the CPU demo's data and evaluate before/after each stage
     workdir: str = "runs/default"  # where checkpoints, logs and the resolved config are written
     seed: int = 0  # global RNG seed (params init, data shuffling, dropout)
 

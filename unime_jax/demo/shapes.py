@@ -82,6 +82,7 @@ __all__ = [
     "images",
     "make_scene",
     "make_scenes",
+    "paraphrase",
     "relation_holds",
     "render",
     "split_of",
@@ -547,6 +548,17 @@ def twins(scenes: Iterable[Scene]) -> list[Twin]:
 
 def twin_captions(scenes: Iterable[Scene]) -> list[str]:
     return [s.twin.caption for s in scenes]
+
+
+def paraphrase(item: Scene | Description) -> Description:
+    """The same facts worded the other way round: every clause is read from its other object
+    ("a red circle to the left of a blue square" → "a blue square to the right of a red circle").
+
+    :func:`equivalent` to the input, and never the same caption: each clause names a different
+    object first (the objects of a scene have distinct colours). Stage-1 positives.
+    """
+    desc = item.description if isinstance(item, Scene) else item
+    return Description(desc.objects, tuple(Clause(o, INVERSE_RELATION[rel], s) for s, rel, o in desc.clauses))
 
 
 def distill_texts(scenes: Iterable[Scene], include_twins: bool = True) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ def run(
     data_iterator: Any | None = None,
     flops_per_token: float | None = None,
     peak: float | None = None,
+    data_stats: Callable[[], dict[str, float]] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Train from state.step to loop.total_steps; returns the final state and per-step metrics."""
     history: list[dict[str, float]] = []
@@ -78,7 +79,8 @@ def run(
             values["mfu"] = flops_per_token * values["tokens_per_s"] / (peak * jax.device_count())
         history.append(values)
         if (step + 1) % loop.log_every == 0:
-            writer.write(step + 1, values, loop.desc)
+            # Skipped/truncated sample counts ride along, so nothing is dropped silently.
+            writer.write(step + 1, {**values, **(data_stats() if data_stats else {})}, loop.desc)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update(1)
         done = step + 1 == loop.total_steps

@@ -1,0 +1,106 @@
+"""The main job end to end: a shortened demo, killed mid-stage-2 and resumed, then its export.
+
+Asserts that stage-2 retrieval is well above chance and above the untrained model on held-out
+scenes, and that the exported HF directory loads in transformers and embeds like our model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from unime_jax.demo.prepare import I2T_QUERY
+from unime_jax.embedder import UniME
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE2_STEPS = 60
+CHECKPOINT_EVERY = 20
+
+
+def _command(workdir: Path) -> list[str]:
+    overrides = {
+        "workdir": str(workdir),
+        "demo.train_scenes": 512,
+        "demo.eval_scenes": 128,
+        "demo.ablation": "false",
+        "stage1.epochs": 1,
+        "stage2.steps": STAGE2_STEPS,
+        "stage2.save_every": CHECKPOINT_EVERY,
+    }
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "unime_jax.train", "--config", "configs/demo.yaml", *sets]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return env
+
+
+def _kill_after_first_stage2_checkpoint(workdir: Path) -> None:
+    proc = subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = workdir / "stage2" / "checkpoints" / str(CHECKPOINT_EVERY)
+    deadline = time.monotonic() + 900
+    while not (checkpoint / "commit_success.txt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str]:
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    _kill_after_first_stage2_checkpoint(workdir)
+    done = subprocess.run(_command(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, done.stdout + done.stderr
+
+
+def test_resumed_demo_learns_retrieval(finished):
+    workdir, output = finished
+    assert "stage1: finished earlier" in output
+    assert "stage2: resuming from step" in output
+    results = json.loads((workdir / "results.json").read_text())
+    before, after = results["before"], results["after_stage2"]
+    chance = after["chance_r1"]
+    for key in ("i2t_r1", "t2i_r1"):
+        assert after[key] > 5 * chance, (key, results)
+        assert after[key] > before[key] + 0.05, (key, results)
+    steps = [json.loads(line)["step"] for line in (workdir / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == STAGE2_STEPS
+    assert (workdir / "results.png").stat().st_size > 0
+
+
+def test_export_loads_in_transformers_with_the_same_embeddings(finished):
+    workdir, _ = finished
+    export = workdir / "export" / "hf"
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(export).eval()
+    ours = UniME.load(export, raw=True, progress=False)
+    featurizer = ours.featurizer()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 80, 3), dtype=np.uint8))
+    rows = [("a red circle to the left of a blue square", None), (I2T_QUERY, image)]
+    expected = []
+    for text, img in rows:
+        features = featurizer(text, img)
+        length = int(features["attention_mask"].sum())
+        inputs = {"input_ids": torch.tensor(features["input_ids"][None, :length].astype(np.int64))}
+        if img is not None:
+            inputs["pixel_values"] = torch.tensor(features["pixel_values"][None])
+            inputs["image_sizes"] = torch.tensor(features["image_sizes"][None].astype(np.int64))
+        with torch.no_grad():
+            hidden = hf(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        expected.append(torch.nn.functional.normalize(hidden, dim=-1).numpy())
+    got = ours.encode(texts=[t for t, _ in rows], images=[i for _, i in rows], raw=True, progress=False)
+    np.testing.assert_allclose(got, np.stack(expected), atol=1e-4)

