@@ -34,7 +34,7 @@ Without pixel_values the model is the bare language model (text-only batches, Un
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import jax
@@ -45,17 +45,9 @@ from unime_jax.models.attention import Implementation
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderLM, Remat
 from unime_jax.models.layers import Linear, activation, param
-from unime_jax.models.phi3_v import merge_image_features
+from unime_jax.models.multimodal import merge_image_features, push_runtime
+from unime_jax.processing.images_llava import LLAVA_V16_PINPOINTS
 from unime_jax.sharding import constrain
-
-# (height, width) pinpoints of llava-hf/llava-v1.6-{mistral,vicuna}-7b-hf (and HF's default).
-LLAVA_V16_PINPOINTS: tuple[tuple[int, int], ...] = (
-    (336, 672),
-    (672, 336),
-    (672, 672),
-    (1008, 336),
-    (336, 1008),
-)
 
 
 @dataclass(frozen=True)
@@ -90,9 +82,7 @@ class LlavaNextConfig:
             raise ValueError(
                 f"CLIP image size {size} is not a multiple of its patch size {self.vision.patch_size}"
             )
-        runtime = {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention}
-        object.__setattr__(self, "text", replace(self.text, remat=self.remat, **runtime))
-        object.__setattr__(self, "vision", replace(self.vision, **runtime))
+        push_runtime(self)
 
     @property
     def tie_word_embeddings(self) -> bool:

@@ -19,7 +19,7 @@ One image per row; text-only rows carry image_sizes (0, 0) and no placeholders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from unime_jax.models.attention import Implementation
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderModel, Remat
 from unime_jax.models.layers import Linear, activation, param
+from unime_jax.models.multimodal import merge_image_features, push_runtime
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,7 @@ class Phi3VConfig:
             raise ValueError(
                 f"the 2×2 merge needs an even patch grid, got {self.vision.image_size}/{self.vision.patch_size}"
             )
-        runtime = {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention": self.attention}
-        object.__setattr__(self, "text", replace(self.text, remat=self.remat, **runtime))
-        object.__setattr__(self, "vision", replace(self.vision, **runtime))
+        push_runtime(self)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -140,13 +139,6 @@ def hd_layout(image_sizes: jax.Array, cfg: Phi3VConfig) -> jax.Array:
     index = jnp.where(slot < sub_len, sub, jnp.where(slot == sub_len, glb_gn, glob))
     valid = slot < sub_len + 1 + m * (m + 1)
     return jnp.where(valid, index, 0)
-
-
-def merge_image_features(embeds: jax.Array, features: jax.Array, is_image: jax.Array) -> jax.Array:
-    """Write features (B, L, D) over the placeholder positions of embeds (B, T, D), in order, per row."""
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1, 0, features.shape[1] - 1)
-    gathered = jnp.take_along_axis(features, slot[..., None], axis=1)
-    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 class Phi3ImageEmbedding(nnx.Module):
