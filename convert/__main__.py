@@ -17,7 +17,8 @@ Convert model weights between HuggingFace (safetensors) and unime-jax (orbax) ch
   to-hf   writes a unime-jax checkpoint back as an HF directory (safetensors, sharded above
           --max-shard-size, and config.json) that transformers loads directly.
 
-Supported model types: llama, mistral, phi3, clip_vision_model.
+Supported model types: llava_next (LLaVA-1.6 / UniME-LLaVA-1.6), phi3_v (Phi-3.5-V / UniME-Phi3.5-V),
+llama, mistral, phi3 and clip_vision_model; transformers 4 and 5 key layouts are both read.
 """
 
 EPILOG = """\

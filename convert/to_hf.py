@@ -20,6 +20,9 @@ def hf_config_for(spec: ModelSpec, cfg, stored: dict | None) -> dict:
     """The source config.json when we have it (exact round trip), else one generated from our config."""
     hf = dict(stored) if stored is not None else spec.to_hf(cfg)
     hf["torch_dtype"] = cfg.param_dtype
+    for sub in ("text_config", "vision_config"):  # multimodal configs record dtypes per tower too
+        if isinstance(hf.get(sub), dict):
+            hf[sub] = {**hf[sub], "torch_dtype": cfg.param_dtype}
     return hf
 
 

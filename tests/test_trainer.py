@@ -125,3 +125,22 @@ def test_nonfinite_step_is_skipped_and_counted(mistral_dir, mesh):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
     state, metrics = trainer.step(state, global_batch(stage1_batch(8, 1), mesh))
     assert float(metrics["finite"]) == 1.0 and int(state.nonfinite_run) == 0 and int(state.skipped) == 1
+
+
+def test_checkpoint_from_another_model_is_refused(mistral_dir, mesh, tmp_path):
+    from unime_jax.training.checkpoints import CheckpointMismatchError, Checkpoints
+
+    trainer = _trainer(mistral_dir, mesh, Stage2Task(Stage2Config(k=4)))
+    state = trainer.init_state(seed=0)
+    ckpts = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False)
+    ckpts.save(1, state, {"model": "tiny-mistral", "lora_rank": 16}, {"seed": 0})
+    ckpts.wait()
+    with pytest.raises(CheckpointMismatchError, match=r"lora_rank: checkpoint 16 vs now 32"):
+        ckpts.restore(1, state, {"model": "tiny-mistral", "lora_rank": 32})
+    restored = ckpts.restore(1, state, {"model": "tiny-mistral", "lora_rank": 16})
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.tree.map(np.asarray, restored.params),
+        jax.tree.map(np.asarray, state.params),
+    )
+    ckpts.close()
