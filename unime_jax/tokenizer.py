@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +15,35 @@ MISTRAL_COMMON = "mistral-common"
 LLAVA_IMAGE_TOKEN = "<image>"
 
 
+_LLAMA_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "legacy": False,
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+
+
 def _mistral_common_tokenizer() -> Any:
     try:
         import mistral_common
     except ImportError as err:
-        raise ImportError("tokenizer 'mistral-common' needs the mistral-common package: pip install mistral-common") from err
-    from transformers import LlamaTokenizerFast
+        raise ImportError(
+            "tokenizer 'mistral-common' needs the mistral-common package: pip install mistral-common"
+        ) from err
+    from transformers import AutoTokenizer
 
-    vocab = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    return LlamaTokenizerFast(vocab_file=str(vocab), legacy=False)
+    # A tokenizer directory is what both transformers 4 and 5 build a Llama tokenizer from
+    # (5 ignores a bare vocab_file argument).
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(
+            Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1",
+            Path(tmp) / "tokenizer.model",
+        )
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(_LLAMA_TOKENIZER_CONFIG))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def load_tokenizer(source: str | Path, model_type: str) -> Any:
