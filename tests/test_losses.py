@@ -80,13 +80,14 @@ def np_stage2(q, c, *, tau=0.02, beta=0.1, k=8, all_negatives=False, target_ids=
         n_filtered += len(filtered)
         rows_filtered += bool(filtered)
         same_id = {j for j in range(b) if target_ids is not None and target_ids[j] == target_ids[i]}
-        valid = [j for j in range(ncols) if j != i and j not in filtered and j not in same_id]
+        valid = [j for j in range(b) if j != i and j not in filtered and j not in same_id]
         n_valid.append(len(valid))
         if all_negatives:
             chosen = valid
         else:
             ranked = sorted(valid, key=lambda j: -s[i, j])  # stable: ties → lower index, like top_k
             chosen = [ranked[r % len(ranked)] for r in range(k)] if ranked else []
+        chosen += [j for j in range(b, ncols) if j not in filtered]  # every unfiltered mined negative
         logits = np.array([pos] + [s[i, j] for j in chosen]) / tau
         losses.append(-np_log_softmax(logits)[0])
         neg_sims.extend(s[i, j] for j in chosen)
@@ -336,9 +337,21 @@ def test_stage2_extra_negatives() -> None:
     extra[:, 0] = q + 0.6 * rng.normal(size=(b, d))  # mined: hard, usually selected
     extra[2, 1] = q[2] + 0.01 * rng.normal(size=d)  # a false negative: must be filtered
     ref, chosen, _ = run_both(q, c, k=4, extra_c=extra)
-    assert sum(j >= b for r in chosen for j in r) >= b // 2  # extra candidates do compete
+    # Four in-batch negatives per row, plus the mined ones the β filter keeps (all of them).
+    assert all(sum(j < b for j in r) == 4 for r in chosen)
+    assert sum(j >= b for r in chosen for j in r) > 2 * b
     assert b + 1 not in chosen[2] and ref["false_neg_frac"] > 0
     run_both(q, c, k=0, all_negatives=True, extra_c=extra)
+
+
+def test_stage2_mined_negatives_alone() -> None:
+    b, m, d = 8, 3, 16
+    q, c = pair_data(seed=18, b=b, d=d)
+    extra = np.random.default_rng(19).normal(size=(b, m, d)).astype(np.float32)
+    extra[2, 1] = q[2] + 0.01 * np.random.default_rng(20).normal(size=d)  # a false negative
+    _, chosen, _ = run_both(q, c, k=0, extra_c=extra)
+    assert all(j >= b for r in chosen for j in r) and b + 1 not in chosen[2]
+    assert [len(r) for r in chosen] == [m, m, m - 1] + [m] * (b - 3)
 
 
 def test_stage2_k_zero_raises() -> None:

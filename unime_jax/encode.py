@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unime_jax.cli_args import model_cli_parser
+
 EPILOG = """\
 input format:
   One JSON object per line: {"text": STRING or null, "image": PATH or null}. A row needs a text,
@@ -65,18 +67,11 @@ class BadLine(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m unime_jax.encode",
-        description="Embed texts, images and image+text pairs from a JSONL file with a UniME model.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        type=Path,
-        help="converted unime-jax checkpoint (unime_model.yaml) or HuggingFace model directory "
-        "(config.json, converted on the fly); its tokenizer files must be in the same directory",
+    parser = model_cli_parser(
+        "python -m unime_jax.encode",
+        "Embed texts, images and image+text pairs from a JSONL file with a UniME model.",
+        EPILOG,
+        "e.g. the exported <workdir>/export/hf",
     )
     parser.add_argument("--input", required=True, type=Path, help="JSONL file, one input per line")
     parser.add_argument("--out", required=True, type=Path, help=".npy file to write (N, D) float32 to")

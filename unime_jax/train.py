@@ -3,8 +3,9 @@
 Stage 1 distils a text-embedding teacher into the LM (LoRA, NLI triplets); its LoRA is merged
 and stage 2 tunes a fresh LoRA on MMEB-style pairs with in-batch hard negatives. At the end the
 model is exported as a merged HF directory and the last stage's LoRA as a PEFT adapter. With a
-`demo:` section the data is generated first and the model is evaluated before and after each
-stage, with a k=0 ablation of stage 2.
+`demo:` section the data is generated first, the random backbone is optionally aligned first
+(`demo.pretrain`, standing in for the MLLM pretraining UniME starts from), and the model is
+evaluated before and after each step, with a k=0 ablation of stage 2.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _summary(cfg: Config, backbone: Any, mesh: Any) -> str:
         f"mesh {dict(mesh.shape)}",
         f"stages     {', '.join(cfg.stages)}",
     ]
-    for stage in cfg.stages:
-        s = getattr(cfg, stage)
+    pretrain = {"pretrain": cfg.demo.pretrain} if cfg.demo is not None and cfg.demo.pretrain else {}
+    for stage, s in {**pretrain, **{stage: getattr(cfg, stage) for stage in cfg.stages}}.items():
         adapters = f"LoRA r={s.lora.rank or 'preset'}" if s.lora.enabled else "full fine-tuning"
         steps = s.steps if s.steps else f"{s.epochs} epoch(s)"
         lines.append(f"{stage:<10} batch {s.batch_size}, {steps}, lr {s.optimizer.learning_rate}, {adapters}")
@@ -111,13 +112,22 @@ def _export(cfg: Config, workdir: Path, backbone: Any, last: Any, mesh: Any) -> 
     written = []
     if cfg.export.hf:
         out = workdir / "export" / "hf"
-        export_hf(last.model, backbone.spec, backbone.config, out, stored_hf_config=backbone.hf_config, progress=False)
+        export_hf(
+            last.model,
+            backbone.spec,
+            backbone.config,
+            out,
+            stored_hf_config=backbone.hf_config,
+            progress=False,
+        )
         backbone.tokenizer.save_pretrained(out)
         written.append(str(out))
     if cfg.export.peft and last is not None and last.lora_model is not None:
         base = workdir / "export" / "peft_base_hf"
         start = stage_start(cfg.stages[-1], cfg, mesh, workdir)
-        export_hf(start, backbone.spec, backbone.config, base, stored_hf_config=backbone.hf_config, progress=False)
+        export_hf(
+            start, backbone.spec, backbone.config, base, stored_hf_config=backbone.hf_config, progress=False
+        )
         backbone.tokenizer.save_pretrained(base)
         out = workdir / "export" / "peft"
         export_peft(last.lora_model, backbone.spec, last.lora_config, out, base_model_name_or_path=str(base))
@@ -129,12 +139,13 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run the configured stages; returns the evaluation results (demo) and export paths."""
     import jax
 
-    from unime_jax.model_io import load_model
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed
-    from unime_jax.training.run import MERGED_DIR, load_backbone, run_stage, runtime_fields
+    from unime_jax.training.run import PRETRAIN_DIR, load_backbone, run_stage, stage_start
 
-    distributed.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes, cfg.distributed.process_id)
+    distributed.initialize(
+        cfg.distributed.coordinator_address, cfg.distributed.num_processes, cfg.distributed.process_id
+    )
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +160,12 @@ def train(cfg: Config) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
     if evaluate:
         results["before"] = evaluate(backbone.model)
+    pretrain = cfg.demo.pretrain if cfg.demo is not None else None
+    if pretrain is not None:
+        done = run_stage("stage2", backbone, cfg, mesh, workdir / PRETRAIN_DIR, pretrain, label="pretrain")
+        backbone.model = done.model
+        if evaluate:
+            results["pretrained"] = evaluate(done.model)
     last = None
     for stage in cfg.stages:
         last = run_stage(stage, backbone, cfg, mesh, workdir / stage)
@@ -157,15 +174,13 @@ def train(cfg: Config) -> dict[str, Any]:
             results[f"after_{stage}"] = evaluate(last.model)
     if evaluate and cfg.demo.ablation and "stage2" in cfg.stages:
         # The same stage 2 from the same start, without hard negatives (plain in-batch InfoNCE).
-        start = workdir / "stage1" / MERGED_DIR
-        ablation_model = load_model(start, mesh, **runtime_fields(cfg)).model if start.is_dir() else None
-        if ablation_model is not None:
-            loss = replace(cfg.stage2.loss, k=0, all_negatives=True)
-            section = replace(cfg.stage2, loss=loss)
-            ablation_backbone = replace(backbone, model=ablation_model)
-            done = run_stage("stage2", ablation_backbone, cfg, mesh, workdir / "stage2_ablation_k0", section)
-            results["ablation_k0"] = evaluate(done.model)
-    exported = _export(cfg, workdir, backbone, last, mesh) if last is not None and jax.process_index() == 0 else []
+        section = replace(cfg.stage2, loss=replace(cfg.stage2.loss, k=0, all_negatives=True))
+        ablation_backbone = replace(backbone, model=stage_start("stage2", cfg, mesh, workdir))
+        done = run_stage("stage2", ablation_backbone, cfg, mesh, workdir / "stage2_ablation_k0", section)
+        results["ablation_k0"] = evaluate(done.model)
+    exported = (
+        _export(cfg, workdir, backbone, last, mesh) if last is not None and jax.process_index() == 0 else []
+    )
     return {"results": results, "exported": exported}
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # stage-1 users need not have pyarrow, which the MMEB reader 
 
     from unime_jax.data.mmeb import MmebRecord, TextImage
 
-__all__ = ["NLI_ROLES", "Example", "MmebExamples", "NliExamples"]
+__all__ = ["NLI_ROLES", "Example", "MmebExamples", "NliExamples", "mmeb_pair", "mmeb_side", "mmeb_where"]
 
 NLI_ROLES = ("anchor", "positive", "negative")  # sent0, sent1, hard_neg
 
@@ -37,11 +37,15 @@ class Example:
     truncated: int = 0  # texts the featurizer shortened to fit
 
 
-def _featurize(
-    featurizer: Featurizer, text: str, image: Image.Image | None, where: str
-) -> tuple[dict[str, np.ndarray], int]:
+def _nonempty(text: str, where: str) -> str:
     if not text.strip():
         raise BadSample("empty_text", where)
+    return text
+
+
+def _featurize(
+    featurizer: Featurizer, text: str, image: Image.Image | None
+) -> tuple[dict[str, np.ndarray], int]:
     features = dict(featurizer(text, image))
     return features, int(features.pop(TRUNCATED, False))
 
@@ -62,14 +66,34 @@ class NliExamples:
         arrays: dict[str, np.ndarray] = {}
         truncated = 0
         for role, column, text in zip(NLI_ROLES, NLI_COLUMNS, record.texts, strict=True):
-            features, cut = _featurize(
-                self.featurizer, text, None, f"{record.file} row {record.row} column {column}"
-            )
+            where = f"{record.file} row {record.row} column {column}"
+            features, cut = _featurize(self.featurizer, _nonempty(text, where), None)
             arrays |= _prefixed(role, features)
             truncated += cut
         teacher = record.teacher.astype(np.float32)
         arrays |= {f"teacher_{role}": teacher[i] for i, role in enumerate(NLI_ROLES)}
         return Example(arrays, truncated)
+
+
+Side = tuple[str, "Image.Image | None"]  # one side of an MMEB pair as the model takes it
+
+
+def mmeb_where(record: MmebRecord) -> str:
+    """Names a record in skip logs and reports: file, row and subset."""
+    return f"{record.file} row {record.row} ({record.subset})"
+
+
+def mmeb_side(side: TextImage, image_root: Path, where: str) -> Side:
+    """A side's text and decoded image (None without one); BadSample when either is unusable."""
+    text = _nonempty(side.text, where)
+    return text, load_image(image_root / side.image_path, where) if side.image_path else None
+
+
+def mmeb_pair(record: MmebRecord, image_root: Path) -> tuple[Side, Side]:
+    """(query, target) of a record as stage 2 embeds them; the miner embeds exactly these."""
+    where = mmeb_where(record)
+    query = mmeb_side(record.query, image_root, f"{where} qry")
+    return query, mmeb_side(record.target, image_root, f"{where} pos")
 
 
 @dataclass(frozen=True)
@@ -79,19 +103,19 @@ class MmebExamples:
     featurizer: Featurizer
     image_root: Path
 
-    def _side(self, side: TextImage, where: str) -> tuple[dict[str, np.ndarray], int]:
-        image = load_image(self.image_root / side.image_path, where) if side.image_path else None
-        return _featurize(self.featurizer, side.text, image, where)
-
     def __call__(self, record: MmebRecord) -> Example:
-        where = f"{record.file} row {record.row} ({record.subset})"
-        query, cut_query = self._side(record.query, f"{where} qry")
-        target, cut_target = self._side(record.target, f"{where} pos")
+        (query, cut_query), (target, cut_target) = (
+            _featurize(self.featurizer, *side) for side in mmeb_pair(record, self.image_root)
+        )
         arrays = _prefixed("query", query) | _prefixed("target", target)
         arrays["target_ids"] = np.int32(record.target_id)
         truncated = cut_query + cut_target
         if record.negatives:
-            sides = [self._side(neg, f"{where} negative {j}") for j, neg in enumerate(record.negatives)]
+            where = mmeb_where(record)
+            sides = [
+                _featurize(self.featurizer, *mmeb_side(neg, self.image_root, f"{where} negative {j}"))
+                for j, neg in enumerate(record.negatives)
+            ]
             arrays |= _prefixed(
                 "negative", {key: np.stack([s[0][key] for s in sides]) for key in sides[0][0]}
             )

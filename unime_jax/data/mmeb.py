@@ -18,6 +18,9 @@ UniME's paper: ≤50k, 662k pairs in all).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,19 @@ class MmebSource:
                 parts.append(_Part(subset, file, table, start))
                 start += table.num_rows
         return parts
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Checksum of the records this source serves: subset sizes and the four columns, in order.
+
+        What a mined-negatives table is tied to; independent of how the rows are split into files.
+        """
+        parts = self._parts if self._parts is not None else self._load()
+        digest = hashlib.sha256(json.dumps(self.subset_sizes).encode())
+        for column in COLUMNS:
+            values = [v for p in parts for v in pc.fill_null(p.table.column(column), "").to_pylist()]
+            digest.update(json.dumps(values).encode())
+        return digest.hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers reread the parquet files (fast, memory-mapped) rather than receive a pickled copy.

@@ -42,9 +42,12 @@ from unime_jax.data.skipping import SkipBadSamples
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from unime_jax.data.mmeb import MmebSource
+
 __all__ = [
     "DataPipeline",
     "build_pipeline",
+    "mmeb_source",
     "stage1_pipeline",
     "stage2_pipeline",
 ]
@@ -178,11 +181,22 @@ def stage1_pipeline(
     )
 
 
+def mmeb_source(data: DataSection) -> MmebSource:
+    """The MMEB-train records `data.mmeb` selects (stage 2 and the negative miner read the same)."""
+    from unime_jax.data.mmeb import MmebSource  # pyarrow: needed for stage 2 only
+
+    if data.mmeb is None:
+        raise DataError("stage 2 needs the data.mmeb section (root, split, subsets)")
+    mmeb = data.mmeb
+    return MmebSource(mmeb.root, mmeb.split, tuple(mmeb.subsets), mmeb.max_per_subset)
+
+
 def stage2_pipeline(
     data: DataSection,
     featurizer: Featurizer,
     *,
     seed: int,
+    source: MmebSource | None = None,
     negatives: np.ndarray | None = None,
     num_negatives: int = 0,
     process_index: int | None = None,
@@ -192,19 +206,15 @@ def stage2_pipeline(
 
     Args:
       featurizer: the backbone's multimodal featurizer (prompt formatting, image placeholders, crops).
+      source: the records, when already opened (default: :func:`mmeb_source` of `data`).
       negatives: optional (records, K) table of mined negative record indices; the first
         `num_negatives` of each row are attached.
     """
-    from unime_jax.data.mmeb import MmebSource  # pyarrow: needed for stage 2 only
-
-    if data.mmeb is None:
-        raise DataError("stage 2 needs the data.mmeb section (root, split, subsets)")
-    mmeb = data.mmeb
-    source = MmebSource(mmeb.root, mmeb.split, tuple(mmeb.subsets), mmeb.max_per_subset)
+    source = mmeb_source(data) if source is None else source
     transforms = [] if negatives is None else [MinedNegatives(source, negatives, num_negatives)]
     return build_pipeline(
         source,
-        MmebExamples(featurizer, Path(mmeb.image_root or mmeb.root)),
+        MmebExamples(featurizer, Path(data.mmeb.image_root or data.mmeb.root)),
         data.loader,
         seed=seed,
         process_index=process_index,

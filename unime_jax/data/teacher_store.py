@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from unime_jax.data.errors import DataError
+from unime_jax.data.errors import DataError, read_json_object
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -90,16 +90,7 @@ _IDENTITY = ("teacher", "dim", "instruction", "rows", "data_sha256", "columns", 
 
 def read_manifest(store: str | os.PathLike[str]) -> TeacherManifest:
     path = Path(store) / MANIFEST_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DataError(
-            f"no teacher store at {store} ({MANIFEST_FILE} missing); compute it with python -m unime_jax.teacher"
-        ) from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read teacher manifest {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise DataError(f"teacher manifest {path} must hold a JSON object")
+    data = read_json_object(path, "teacher store", "compute it with python -m unime_jax.teacher")
     return TeacherManifest.from_json(data, path)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unime_jax.training.sections import Stage2Section
+
 __all__ = ["DemoSection"]
 
 
@@ -21,6 +23,9 @@ class DemoSection:
     teacher: str | None = None  # sentence-transformers model dir for stage 1; null = the pip all-MiniLM-L6-v2
     teacher_batch_size: int = 256  # texts per teacher forward pass
     ablation: bool = True  # also run stage 2 with k=0 (plain in-batch InfoNCE) and evaluate it
+    # UniME tunes a pretrained MLLM; the demo's backbone is random, so it is first aligned on the
+    # image-caption pairs with plain in-batch InfoNCE, a stand-in for that pretraining.
+    pretrain: Stage2Section | None = None  # alignment warm-up before stage 1 (a stage-2 section); null = none
 
     def __post_init__(self) -> None:
         if self.train_scenes < 1 or self.eval_scenes < 1:

@@ -1,6 +1,7 @@
 """Demo results: a text table, ``results.json`` and a PNG of the loss curves and held-out metrics.
 
-``results`` maps a run (``before``, ``after_stage1``, ``after_stage2``, ``ablation_k0``) to the
+``results`` maps a run (``before``, ``pretrained``, ``after_stage1``, ``after_stage2``,
+``ablation_k0``) to the
 metrics of :func:`unime_jax.demo.evaluate.evaluate`.
 """
 
@@ -20,6 +21,7 @@ __all__ = ["METRICS", "RUNS", "load_losses", "plot", "results_table", "write_res
 METRICS = {"t2i_r1": "t2i R@1", "i2t_r1": "i2t R@1", "compositional_acc": "compositional acc"}
 RUNS = {
     "before": "before (random init)",
+    "pretrained": "aligned backbone (warm-up)",
     "after_stage1": "after stage 1",
     "after_stage2": "after stage 2",
     "ablation_k0": "stage 2 ablation, k=0",

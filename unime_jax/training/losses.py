@@ -31,6 +31,10 @@ differ, the paper wins: a row with fewer than k valid candidates *duplicates* it
 negatives (cycling through them) rather than picking masked entries.  A row with none has only the
 positive logit and contributes exactly 0.
 
+Offline-mined negatives (``extra_c``, from ``python -m unime_jax.mine``) are not selected among: every
+one that passes the β filter joins the denominator, after the k in-batch ones.  With ``k=0`` they are
+the only negatives.
+
 All functions are pure, jittable (``k``, ``all_negatives``, ``direction`` and ``mask_diagonal`` are
 Python values and must be static under ``jax.jit``) and operate on *global* arrays: under ``jit`` with
 batch-sharded inputs XLA inserts the all-gathers, which is how the global-batch hard-negative pool
@@ -226,13 +230,15 @@ def stage2_hardneg_loss(
         for every other row.
       tau: temperature dividing the cosine logits.
       beta: candidate j ≠ i is a suspected false negative, and excluded, if S_ij > S_ii + beta.
-      k: number of hard negatives per row (static).  Ignored when ``all_negatives``.
+      k: number of in-batch hard negatives per row (static); 0 only with ``extra_c``.  Ignored when
+        ``all_negatives``.
       all_negatives: use every remaining (unfiltered) candidate in the denominator instead of the
         top-k (VLM2Vec-style in-batch InfoNCE, but still with the false-negative filter).
       target_ids: optional (B,) int ids of the target contents; candidates whose id equals the
         row's own target id are excluded as well.  Extra candidates are never id-masked.
-      extra_c: optional (B, M, D) externally mined negatives for each row, appended after the
-        in-batch candidates; subject to the same β filter, competing for the top-k.
+      extra_c: optional (B, M, D) externally mined negatives for each row, subject to the same β
+        filter; every one that passes it is a negative, in addition to the in-batch ones (k=0 and
+        not ``all_negatives``: the mined negatives alone).
 
     Returns:
       (loss, metrics), all float32 scalars: ``loss``; ``false_neg_frac`` (fraction of non-positive
@@ -243,9 +249,9 @@ def stage2_hardneg_loss(
     """
     if k < 0:
         raise ValueError(f"k must be non-negative, got {k}")
-    if k == 0 and not all_negatives:
+    if k == 0 and not all_negatives and extra_c is None:
         raise ValueError(
-            "k=0 with all_negatives=False leaves only the positive logit (loss ≡ 0); "
+            "k=0 with all_negatives=False and no extra_c leaves only the positive logit (loss ≡ 0); "
             "set all_negatives=True for the in-batch InfoNCE baseline"
         )
     b = q.shape[0]
@@ -260,13 +266,19 @@ def stage2_hardneg_loss(
     pos = jnp.diagonal(sims[:, :b])
     _, beta_filtered, valid = _candidate_masks(sims, pos, beta, target_ids)
 
+    batch_sims, batch_valid = sims[:, :b], valid[:, :b]
     if all_negatives:
         # Every valid candidate is a negative (the positive column itself is not valid).
-        neg_sims, neg_valid = sims, valid
-    else:
-        idx, row_has_neg = _select_hard_negatives(sims, valid, k)
-        neg_sims = jnp.take_along_axis(sims, idx, axis=1)  # differentiable gather of real cosines
+        neg_sims, neg_valid = batch_sims, batch_valid
+    elif k > 0:
+        idx, row_has_neg = _select_hard_negatives(batch_sims, batch_valid, k)
+        neg_sims = jnp.take_along_axis(batch_sims, idx, axis=1)  # differentiable gather of real cosines
         neg_valid = jnp.broadcast_to(row_has_neg[:, None], idx.shape)
+    else:  # mined negatives only
+        neg_sims, neg_valid = batch_sims[:, :0], batch_valid[:, :0]
+    # Mined negatives were chosen offline as the hardest: all that pass the β filter are used.
+    neg_sims = jnp.concatenate([neg_sims, sims[:, b:]], axis=1)
+    neg_valid = jnp.concatenate([neg_valid, valid[:, b:]], axis=1)
     # Positive at column 0; invalid negatives are -inf so a row without negatives has loss exactly 0
     # (and, since the positive is always there, log_softmax never sees an all -inf row).
     neg_logits = jnp.where(neg_valid, neg_sims / tau, -jnp.inf)

@@ -25,11 +25,12 @@ from unime_jax.tokenizer import load_tokenizer
 from unime_jax.training import loop
 from unime_jax.training.checkpoints import Checkpoints
 from unime_jax.training.metrics import MetricsWriter, count_params, lm_flops_per_token, peak_flops
-from unime_jax.training.sections import StageSection
+from unime_jax.training.sections import Stage2Section, StageSection
 from unime_jax.training.tasks import Stage1Task, Stage2Task
 from unime_jax.training.trainer import Trainer, TrainerConfig
 
 MERGED_DIR = "merged"
+PRETRAIN_DIR = "pretrain"  # the demo's alignment warm-up (demo.pretrain), which stage 1 then starts from
 STAGE_NUMBERS = {"stage1": 1, "stage2": 2}
 
 
@@ -72,7 +73,9 @@ def load_backbone(cfg: Config, mesh: Mesh) -> Backbone:
         arch = with_runtime(spec.from_hf(m.init), **runtime_fields(cfg))
         model, hf_config = init_model(spec, arch, mesh, seed=cfg.seed), None
     else:
-        raise ValueError("set model.checkpoint (a converted or HF directory) or model.init (an HF config dict)")
+        raise ValueError(
+            "set model.checkpoint (a converted or HF directory) or model.init (an HF config dict)"
+        )
     tokenizer_source = m.tokenizer or m.checkpoint
     if tokenizer_source is None:
         raise ValueError("model.tokenizer is needed when the model is built from model.init")
@@ -81,8 +84,13 @@ def load_backbone(cfg: Config, mesh: Mesh) -> Backbone:
 
 def stage_start(stage: str, cfg: Config, mesh: Mesh, workdir: Path) -> nnx.Module:
     """A fresh copy of the weights a stage starts from (the base a PEFT adapter applies to)."""
-    previous = workdir / "stage1" / MERGED_DIR
-    if stage == "stage2" and "stage1" in cfg.stages and previous.is_dir():
+    if stage == "stage2" and "stage1" in cfg.stages:
+        previous: Path | None = workdir / "stage1" / MERGED_DIR
+    elif cfg.demo is not None and cfg.demo.pretrain is not None:
+        previous = workdir / PRETRAIN_DIR / MERGED_DIR  # the demo's first stage follows its warm-up
+    else:
+        previous = None
+    if previous is not None and previous.is_dir():
         return load_model(previous, mesh, **runtime_fields(cfg)).model
     return load_backbone(cfg, mesh).model  # reloaded, or re-initialised from the same seed
 
@@ -103,14 +111,20 @@ def lora_config(section: StageSection, stage: int, backbone: Backbone) -> lora.L
         return None
     family, prefix = _family_and_prefix(backbone)
     preset = lora.unime_lora(family, stage, prefix=prefix, vision=section.lora.vision)
-    chosen = {k: v for k, v in asdict(section.lora).items() if k in ("rank", "alpha", "dropout", "targets") and v is not None}
+    chosen = {
+        k: v
+        for k, v in asdict(section.lora).items()
+        if k in ("rank", "alpha", "dropout", "targets") and v is not None
+    }
     return replace(preset, **chosen)
 
 
-def _pipeline(stage: str, cfg: Config, backbone: Backbone, batch_size: int):
+def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection):
     """The stage's grain pipeline; each process reads batch_size / process_count rows per step."""
-    from unime_jax.data.pipeline import stage1_pipeline, stage2_pipeline
+    from unime_jax.data.negatives import open_mined
+    from unime_jax.data.pipeline import mmeb_source, stage1_pipeline, stage2_pipeline
 
+    batch_size = section.batch_size
     nproc = jax.process_count()
     if batch_size % nproc:
         raise ValueError(f"{stage}.batch_size={batch_size} does not split over {nproc} processes")
@@ -121,7 +135,9 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, batch_size: int):
     from unime_jax.processing.prompts import PromptFormat, style_for
 
     # MMEB instructions are fed raw (no chat template), as VLM2Vec and UniME's stage 2 do.
-    style = style_for(backbone.model_type if backbone.model_type in ("llava_next", "phi3_v") else backbone.config.family)
+    style = style_for(
+        backbone.model_type if backbone.model_type in ("llava_next", "phi3_v") else backbone.config.family
+    )
     featurizer = BackboneFeaturizer.for_model(
         backbone.model_type,
         backbone.config,
@@ -129,12 +145,17 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, batch_size: int):
         max_len=cfg.data.text.max_len,
         prompt=PromptFormat(style, raw=True),
     )
-    return stage2_pipeline(data, featurizer, seed=cfg.seed)
+    source = mmeb_source(data)
+    negatives = section.negatives
+    table = None if negatives.mode == "in_batch" else open_mined(negatives.dir, source, negatives.k)
+    return stage2_pipeline(
+        data, featurizer, seed=cfg.seed, source=source, negatives=table, num_negatives=negatives.k
+    )
 
 
 def _identity(stage: str, backbone: Backbone, lcfg: lora.LoRAConfig | None, section: StageSection) -> dict:
-    """What a checkpoint must match to be resumed: architecture, stage, adapters, batch."""
-    return {
+    """What a checkpoint must match to be resumed: architecture, stage, adapters, batch, mined table."""
+    identity = {
         "model_type": backbone.model_type,
         "architecture": to_dict(backbone.config),
         "stage": stage,
@@ -142,6 +163,14 @@ def _identity(stage: str, backbone: Backbone, lcfg: lora.LoRAConfig | None, sect
         "batch_size": section.batch_size,
         "grad_chunks": section.grad_chunks,
     }
+    # Only with a mined table, so that in-batch checkpoints written before the option still resume.
+    if isinstance(section, Stage2Section) and section.negatives.mode != "in_batch":
+        from unime_jax.data.negatives import read_mined_manifest
+
+        negatives = section.negatives
+        table = read_mined_manifest(negatives.dir).table_sha256
+        identity["negatives"] = {"mode": negatives.mode, "k": negatives.k, "table_sha256": table}
+    return identity
 
 
 def _flops_per_token(model: nnx.Module, gradcache: bool) -> float:
@@ -167,20 +196,29 @@ def run_stage(
     mesh: Mesh,
     directory: Path,
     section: StageSection | None = None,
+    label: str | None = None,
 ) -> StageResult:
-    """Train one stage from `backbone.model` (which it takes over) and return the merged result."""
+    """Train one stage from `backbone.model` (which it takes over) and return the merged result.
+
+    `stage` picks the task ("stage1" distillation, "stage2" contrastive); `section` overrides its
+    config section and `label` its name in the progress bar and metrics.
+    """
     section = section or getattr(cfg, stage)
+    label = label or stage
     merged = directory / MERGED_DIR
     if (merged / "unime_model.yaml").is_file():
-        print(f"{stage}: finished earlier, loading {merged}")
+        print(f"{label}: finished earlier, loading {merged}")
         return StageResult(load_model(merged, mesh, **runtime_fields(cfg)).model, None, None, [], directory)
     lcfg = lora_config(section, STAGE_NUMBERS[stage], backbone)
     model = backbone.model
     if lcfg is not None:
         lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
-    pipeline = _pipeline(stage, cfg, backbone, section.batch_size)
+    pipeline = _pipeline(stage, cfg, backbone, section)
     total = section.steps or max(1, math.ceil(section.epochs * pipeline.batches_per_epoch))
-    task = Stage1Task(section.loss) if stage == "stage1" else Stage2Task(section.loss)
+    if stage == "stage1":
+        task = Stage1Task(section.loss)
+    else:
+        task = Stage2Task(section.loss, in_batch=section.negatives.mode != "mined")
     trainer = Trainer(
         model,
         task,
@@ -195,7 +233,7 @@ def run_stage(
     checkpoints = Checkpoints(directory / "checkpoints", keep=section.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is not None:
-        print(f"{stage}: resuming from step {latest} in {checkpoints.directory}")
+        print(f"{label}: resuming from step {latest} in {checkpoints.directory}")
         state = checkpoints.restore(latest, state, identity, iterator)
     writer = MetricsWriter(directory)
     try:
@@ -203,7 +241,9 @@ def run_stage(
             trainer,
             state,
             iterator,
-            loop.LoopConfig(total_steps=total, save_every=section.save_every, log_every=section.log_every, desc=stage),
+            loop.LoopConfig(
+                total_steps=total, save_every=section.save_every, log_every=section.log_every, desc=label
+            ),
             mesh,
             writer,
             checkpoints=checkpoints,

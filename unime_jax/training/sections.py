@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from unime_jax.training.optimizer import OptimizerConfig
 from unime_jax.training.tasks import Stage1Config, Stage2Config
@@ -39,5 +40,22 @@ class Stage1Section(StageSection):
 
 
 @dataclass
+class NegativesSection:
+    mode: Literal["in_batch", "mined", "both"] = "in_batch"  # batch top-k (paper), table only, or both
+    dir: str | None = None  # mined table (python -m unime_jax.mine --out DIR); needed by mined/both
+    k: int = 1  # mined negatives per example (≤ the table's K); each is one more embedding per row
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if (self.mode == "in_batch") != (self.dir is None):
+            raise ValueError(
+                f"mode {self.mode!r} with dir {self.dir!r}: modes mined and both need dir (a table written "
+                "by python -m unime_jax.mine), in_batch takes none"
+            )
+
+
+@dataclass
 class Stage2Section(StageSection):
     loss: Stage2Config = field(default_factory=Stage2Config)  # hard-negative InfoNCE choices
+    negatives: NegativesSection = field(default_factory=NegativesSection)  # in-batch and/or mined negatives

@@ -83,6 +83,7 @@ class Stage1Task:
 @dataclass(frozen=True)
 class Stage2Task:
     cfg: Stage2Config
+    in_batch: bool = True  # false: mined negatives (the batch's `negative_*`) are the only negatives
 
     def groups(self, batch: Batch) -> dict[str, dict[str, jax.Array]]:
         names = ["query", "target"] + (["negative"] if "negative_attention_mask" in batch else [])
@@ -98,8 +99,8 @@ class Stage2Task:
             embeddings["target"],
             tau=self.cfg.tau,
             beta=self.cfg.beta,
-            k=self.cfg.k,
-            all_negatives=self.cfg.all_negatives,
+            k=self.cfg.k if self.in_batch else 0,
+            all_negatives=self.cfg.all_negatives and self.in_batch,
             target_ids=batch.get("target_ids") if self.cfg.dedupe_targets else None,
             extra_c=extra,
         )

@@ -1,0 +1,24 @@
+"""Argument-parser pieces shared by the command-line tools that run a UniME model (no jax import)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def model_cli_parser(prog: str, description: str, epilog: str, model_example: str) -> argparse.ArgumentParser:
+    """An argument parser for a CLI that runs a UniME model, with its required ``--model``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="converted unime-jax checkpoint (unime_model.yaml) or HuggingFace model directory "
+        f"(config.json, converted on the fly), with its tokenizer files; {model_example}",
+    )
+    return parser
