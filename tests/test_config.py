@@ -426,6 +426,11 @@ def test_describe_lists_sections_types_defaults_and_comments() -> None:
     assert "[mesh]" in text
     assert "dtype: 'float32' | 'bfloat16' = 'bfloat16'  # compute dtype" in text
     assert "seed: int = 0" in text
+    # Inherited fields keep their comments (Stage2Section's steps come from StageSection).
+    stage2 = text[text.index("[stage2]") :]
+    assert "steps: int | None = None  # train steps" in stage2
+    # Optional sections are listed too, marked as such.
+    assert "[demo]" in text and "(optional section; absent = null)" in text
     nested = describe(Outer)
     assert "[inner]" not in nested  # a required section has no default instance to show
     assert "inner: Inner = (required)" in nested

@@ -52,20 +52,23 @@ def _env() -> dict:
 
 
 def _kill_after_first_stage2_checkpoint(workdir: Path) -> None:
-    proc = subprocess.Popen(
-        _command(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    checkpoint = workdir / "stage2" / "checkpoints" / str(CHECKPOINT_EVERY)
-    deadline = time.monotonic() + 900
-    while (
-        not (checkpoint / "commit_success.txt").exists()
-        and proc.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.5)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Its output goes to a file: an unread pipe fills up and blocks the run on its progress bar.
+    log = workdir.parent / "killed_run.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=output, stderr=output)
+        checkpoint = workdir / "stage2" / "checkpoints" / str(CHECKPOINT_EVERY)
+        deadline = time.monotonic() + 900
+        while (
+            not (checkpoint / "commit_success.txt").exists()
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+        running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert running, f"the run ended before it could be killed: {log.read_text(errors='replace')[-3000:]}"
+    assert (checkpoint / "commit_success.txt").exists(), f"no stage-2 checkpoint in time: {log}"
 
 
 @pytest.fixture(scope="module")

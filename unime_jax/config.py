@@ -647,7 +647,16 @@ def config_from_args(args: argparse.Namespace, cls: type[T] = Config) -> T:  # t
 
 @functools.cache
 def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing `# comment` of each field in the class source (best effort, {} if unavailable)."""
+    """Trailing `# comment` of each field, inherited fields included (best effort)."""
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if dataclasses.is_dataclass(base):
+            comments.update(_own_field_comments(base))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
+    """Trailing `# comment` of each field in the class's own source ({} if unavailable)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
         comments = {
@@ -691,19 +700,21 @@ def _default_repr(f: dataclasses.Field[Any]) -> str:
 def _describe_lines(cls: type, where: str) -> list[str]:
     hints, comments = _type_hints(cls), _field_comments(cls)
     lines: list[str] = []
-    sections: list[tuple[str, type]] = []
+    sections: list[tuple[str, type, bool]] = []  # (field, section class, optional)
     for f in _init_fields(cls):
         section = _section_type(hints[f.name])
-        if section is not None and f.default is dataclasses.MISSING and f.default_factory is section:
-            sections.append((f.name, section))
+        # Sections (always present, or optional with null = absent) are listed under their own header.
+        if section is not None and (f.default_factory is section or f.default is None):
+            sections.append((f.name, section, f.default is None))
             continue
         line = f"  {f.name}: {_type_name(hints[f.name])} = {_default_repr(f)}"
         if f.name in comments:
             line += f"  # {comments[f.name]}"
         lines.append(line)
-    for name, section in sections:
+    for name, section, optional in sections:
         path = _join(where, name)
-        lines.append(f"[{path}]" + (f"  # {comments[name]}" if name in comments else ""))
+        note = " (optional section; absent = null)" if optional else ""
+        lines.append(f"[{path}]" + (f"  # {comments[name]}{note}" if name in comments else note))
         lines.extend(_describe_lines(section, path))
     return lines
 
