@@ -29,6 +29,22 @@ def read_hf_config(hf_dir: Path) -> dict:
     return hf
 
 
+def processor_settings(hf_dir: Path, hf: dict) -> dict:
+    """Processor choices that fix the model's static shapes, as config fields.
+
+    Phi-3.5-V's crop budget (``num_crops``) lives in preprocessor_config.json, not config.json,
+    and sets the padded image-feature length.
+    """
+    path = Path(hf_dir) / "preprocessor_config.json"
+    if hf["model_type"] != "phi3_v" or not path.is_file():
+        return {}
+    try:
+        crops = json.loads(path.read_text()).get("num_crops")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"cannot read num_crops from {path}: {e}") from e
+    return {} if crops is None else {"num_crops": int(crops)}
+
+
 def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     # Each device (and each host) copies only its own slice of the host array.
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
@@ -51,7 +67,7 @@ def load_hf_model(
     spec_for(hf["model_type"])
     return load_from_source(
         SafetensorsDir(hf_dir),
-        hf,
+        {**hf, **processor_settings(hf_dir, hf)},
         mesh,
         param_dtype=param_dtype,
         progress=progress,

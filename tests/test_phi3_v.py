@@ -329,3 +329,13 @@ def test_config_translation_round_trips_and_runtime_fields_propagate(reference):
     fast = with_runtime(cfg, dtype="bfloat16", attention="xla", remat="full")
     assert (fast.text.dtype, fast.vision.dtype) == ("bfloat16", "bfloat16")
     assert (fast.text.attention, fast.vision.attention, fast.text.remat) == ("xla", "xla", "full")
+
+
+def test_num_crops_comes_from_the_preprocessor_config(reference, tmp_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(reference[0], hf_dir)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    assert load_hf_model(hf_dir, mesh, progress=False).config.num_crops == 4  # none: the checkpoints' 4
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps({"num_crops": 16, "num_img_tokens": 144}))
+    loaded = load_hf_model(hf_dir, mesh, progress=False)
+    assert loaded.config.num_crops == 16 and loaded.config.max_crops == 17
