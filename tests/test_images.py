@@ -7,14 +7,12 @@ runs unmodified in its own interpreter (``bash scripts/reference_env.sh`` makes 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from reference_runner import run_reference
 
 from unime_jax.processing import ImageBatch, LlavaNextImageProcessor, Phi3VImageProcessor, process_batch
 from unime_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
@@ -197,7 +195,6 @@ def test_llava_letterbox_is_black_in_pixel_space():
 # --------------------------------------------------------------------------------------------
 
 
-REFERENCE_SCRIPT = Path(__file__).with_name("reference_phi3v_processor.py")
 # (image, num_crops) run through the reference processor, and the sizes whose token counts it gives.
 PHI3V_CASES = [(name, 4) for name in IMAGES] + [(name, 16) for name in ("chelsea_300x451", "tall_1001x217")]
 TOKEN_NUM_CROPS = (1, 4, 9, 16)
@@ -208,12 +205,6 @@ TOKEN_SIZES = [tuple(int(v) for v in size) for size in np.random.default_rng(3).
 def reference_phi3v(tmp_path_factory) -> dict[str, np.ndarray]:
     """Everything the Phi-3.5-V tests need from the reference, from one run of
     tests/reference_phi3v_processor.py under ``UNIME_REFERENCE_PYTHON`` on PNG copies of the images."""
-    python = os.environ.get("UNIME_REFERENCE_PYTHON")
-    if not python:
-        pytest.skip(
-            "UNIME_REFERENCE_PYTHON is unset: run `bash scripts/reference_env.sh` and set "
-            "UNIME_REFERENCE_PYTHON to the interpreter it prints (scripts/test.sh does both)"
-        )
     directory = tmp_path_factory.mktemp("phi3v_reference")
     paths = {}
     for name, _ in PHI3V_CASES:
@@ -224,23 +215,7 @@ def reference_phi3v(tmp_path_factory) -> dict[str, np.ndarray]:
         "cases": [{"image": str(paths[name]), "num_crops": num_crops} for name, num_crops in PHI3V_CASES],
         "token_sizes": {"num_crops": list(TOKEN_NUM_CROPS), "sizes": [list(size) for size in TOKEN_SIZES]},
     }
-    output = directory / "reference.npz"
-    # -I: the reference env's own site-packages only, whatever PYTHONPATH this process has.
-    result = subprocess.run(
-        [python, "-I", str(REFERENCE_SCRIPT), str(output)],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            f"the reference processor failed under {python} (exit {result.returncode}):\n"
-            f"{result.stdout}\n{result.stderr}"
-        )
-    with np.load(output) as data:
-        return {key: data[key] for key in data.files}
+    return run_reference(spec, directory)
 
 
 def test_phi3v_reference_runs_real_torchvision(reference_phi3v):

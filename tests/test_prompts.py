@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from PIL import Image
+from reference_runner import run_reference
 from test_data_featurize import mistral_tokenizer
 
 from unime_jax.data.featurize import TRUNCATED
@@ -179,61 +176,36 @@ def test_length_buckets():
 # ------------------------------------------------------------------------------------------------
 
 
+PHI3V_ID_CASES = [
+    ("<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n", [757]),
+    ("<|image_1|>\nRepresent the given image with the following question: What is it?\n", [601]),
+    ("<|image_1|>", [29]),  # empty chunks: BOS, image, BOS
+    ("Compare <|image_1|> with <|image_2|> and <|image_1|> again.", [5, 7]),
+    ("<|user|>\nA dog runs.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n", []),
+    ("<|image_1|> Find a Wikipedia image: who?", []),  # no image: the tag is text
+]
+
+
 @pytest.fixture(scope="module")
-def phi3v_reference():
-    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs`, the reference's id layout.
-
-    Its module imports the Phi-3-V image processor, which imports torchvision (absent from the
-    test env, and unused by the text path), so a stub stands in for torchvision during the import.
-    """
-    tokenizer = phi_tokenizer()
-    before = set(sys.modules)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
-        patch.setattr(transformers, "Phi3VImageProcessor", None, raising=False)  # the import registers it
-        module = importlib.import_module(
-            "vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.processing_phi3_v"
-        )
-
-    def reference(prompt: str, num_tokens: list[int]) -> list[int]:
-        this = types.SimpleNamespace(tokenizer=tokenizer)
-        images = {}
-        if num_tokens:
-            images = {
-                "pixel_values": torch.zeros(len(num_tokens), 1),
-                "image_sizes": torch.zeros(len(num_tokens), 2),
-                "num_img_tokens": num_tokens,
-            }
-        out = module.Phi3VProcessor._convert_images_texts_to_inputs(this, images, prompt, return_tensors="pt")
-        return out["input_ids"][0].tolist()
-
-    yield tokenizer, reference
-    # Do not leave modules bound to the stub behind for later importers.
-    for name in set(sys.modules) - before:
-        if name.startswith("vlm2vec_for_pyserini.model.baseline_backbone.phi3_v."):
-            del sys.modules[name]
+def phi3v_reference_ids(tmp_path_factory) -> list[list[int]]:
+    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs` ids for PHI3V_ID_CASES, run
+    unmodified (real torchvision) in the reference interpreter with this tokenizer saved to disk."""
+    directory = tmp_path_factory.mktemp("phi3v_ids")
+    phi_tokenizer().save_pretrained(directory / "tokenizer")
+    spec = {"id_cases": {"tokenizer": str(directory / "tokenizer"), "cases": PHI3V_ID_CASES}}
+    arrays = run_reference(spec, directory)
+    return [arrays[f"ids_{index}"].tolist() for index in range(len(PHI3V_ID_CASES))]
 
 
-@pytest.mark.parametrize(
-    ("prompt", "num_tokens"),
-    [
-        ("<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n", [757]),
-        ("<|image_1|>\nRepresent the given image with the following question: What is it?\n", [601]),
-        ("<|image_1|>", [29]),  # empty chunks: BOS, image, BOS
-        ("Compare <|image_1|> with <|image_2|> and <|image_1|> again.", [5, 7]),
-        ("<|user|>\nA dog runs.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n", []),
-        ("<|image_1|> Find a Wikipedia image: who?", []),  # no image: the tag is text
-    ],
-)
-def test_phi3_v_ids_match_the_reference_processor(phi3v_reference, prompt, num_tokens):
-    tokenizer, reference = phi3v_reference
-    ids = phi3_v_ids(tokenizer, prompt, num_tokens)
-    assert ids == reference(prompt, num_tokens)
+@pytest.mark.parametrize("index", range(len(PHI3V_ID_CASES)))
+def test_phi3_v_ids_match_the_reference_processor(phi3v_reference_ids, index):
+    prompt, num_tokens = PHI3V_ID_CASES[index]
+    assert phi3_v_ids(phi_tokenizer(), prompt, num_tokens) == phi3v_reference_ids[index]
 
 
-def test_phi3_v_id_layout(phi3v_reference):
+def test_phi3_v_id_layout():
     """BOS opens every chunk, also right after the image; the image is -1 repeated; mask covers it."""
-    tokenizer, _ = phi3v_reference
+    tokenizer = phi_tokenizer()
     bos = tokenizer.bos_token_id
     prompt = PromptFormat("phi3_v").image_prompt(None)
     ids = phi3_v_ids(tokenizer, prompt, [29])
