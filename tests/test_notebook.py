@@ -48,3 +48,4 @@ def test_notebook_runs_and_retrieves_with_its_model(tmp_path, monkeypatch) -> No
     assert namespace["scores"].shape == (12, 12)
     assert np.allclose(np.linalg.norm(namespace["image_emb"], axis=1), 1.0, atol=1e-5)
     assert len([ax for ax in namespace["fig"].axes if ax.images]) == 9
+    assert (tmp_path / "run" / "retrieval.png").stat().st_size > 0
