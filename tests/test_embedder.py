@@ -12,9 +12,9 @@ import torch
 import transformers
 from PIL import Image
 
-# reference_clip and phi3v_reference are fixtures, imported to be used here.
+# reference_clip is a fixture, imported to be used here.
 from test_phi3_v import RefModel, _reference_config, reference_clip  # noqa: F401
-from test_prompts import IMAGE_TOKEN, PINPOINTS, TILE, llava_tokenizer, phi3v_reference, phi_tokenizer  # noqa: F401
+from test_prompts import IMAGE_TOKEN, PINPOINTS, TILE, llava_tokenizer, phi_tokenizer, reference_phi3v_ids
 
 from convert import convert_hf_dir
 from unime_jax import UniME
@@ -266,24 +266,26 @@ def phi3_v(tmp_path_factory, reference_clip):  # noqa: F811
     return out, ref
 
 
-def test_phi3_v_embeddings_match_the_reference(phi3_v, phi3v_reference):  # noqa: F811
+def test_phi3_v_embeddings_match_the_reference(phi3_v, tmp_path):
     """Our featurizer and model vs the reference processor's ids and VLM2Vec's model, on our crops
     (the crops themselves are checked against VLM2Vec's image processor in tests/test_images.py)."""
     path, ref = phi3_v
-    _, reference_ids = phi3v_reference
     model = UniME.load(path, mesh=make_mesh(devices=jax.devices()[:1]), progress=False)
     processor = Phi3VImageProcessor(num_crops=4)
     images = [random_image((60, 60), 50), random_image((30, 100), 51)]
     rows = [(PHI_TEXT.format(TEXTS[0]), None), (PHI_IMAGE, images[0]), (PHI_IMAGE, images[1])]
+    processed = [None if image is None else processor(image) for _, image in rows]
+    cases = [
+        (prompt, [] if p is None else [p.num_tokens]) for (prompt, _), p in zip(rows, processed, strict=True)
+    ]
+    reference_ids = reference_phi3v_ids(cases, tmp_path)
     expected = []
-    for prompt, image in rows:
-        pixels, sizes, tokens = [None], [None], []
-        if image is not None:
-            processed = processor(image)
-            pixels = [torch.tensor(processed.pixel_values[None])]
-            sizes = [torch.tensor([processed.image_size])]
-            tokens = [processed.num_tokens]
-        ids = torch.tensor([reference_ids(prompt, tokens)])
+    for p, ids_list in zip(processed, reference_ids, strict=True):
+        pixels, sizes = [None], [None]
+        if p is not None:
+            pixels = [torch.tensor(p.pixel_values[None])]
+            sizes = [torch.tensor([p.image_size])]
+        ids = torch.tensor([ids_list])
         with torch.no_grad():
             out = ref(
                 input_ids=ids,

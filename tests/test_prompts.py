@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,15 +187,20 @@ PHI3V_ID_CASES = [
 ]
 
 
+def reference_phi3v_ids(cases: list[tuple[str, list[int]]], directory: Path) -> list[list[int]]:
+    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs` ids for (prompt, image token counts)
+    cases, run unmodified (real torchvision) in the reference interpreter with `phi_tokenizer()`."""
+    phi_tokenizer().save_pretrained(directory / "tokenizer")
+    spec = {
+        "id_cases": {"tokenizer": str(directory / "tokenizer"), "cases": [[p, list(n)] for p, n in cases]}
+    }
+    arrays = run_reference(spec, directory)
+    return [arrays[f"ids_{index}"].tolist() for index in range(len(cases))]
+
+
 @pytest.fixture(scope="module")
 def phi3v_reference_ids(tmp_path_factory) -> list[list[int]]:
-    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs` ids for PHI3V_ID_CASES, run
-    unmodified (real torchvision) in the reference interpreter with this tokenizer saved to disk."""
-    directory = tmp_path_factory.mktemp("phi3v_ids")
-    phi_tokenizer().save_pretrained(directory / "tokenizer")
-    spec = {"id_cases": {"tokenizer": str(directory / "tokenizer"), "cases": PHI3V_ID_CASES}}
-    arrays = run_reference(spec, directory)
-    return [arrays[f"ids_{index}"].tolist() for index in range(len(PHI3V_ID_CASES))]
+    return reference_phi3v_ids(PHI3V_ID_CASES, tmp_path_factory.mktemp("phi3v_ids"))
 
 
 @pytest.mark.parametrize("index", range(len(PHI3V_ID_CASES)))
