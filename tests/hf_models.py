@@ -92,6 +92,49 @@ def clip_vision(out: Path, seed: int = 0) -> Path:
     return _save(transformers.CLIPVisionModel(cfg), out)
 
 
+def llava_next(
+    out: Path,
+    seed: int = 0,
+    *,
+    image_size: int,
+    pinpoints: list,
+    image_token_index: int,
+    vocab_size: int = VOCAB,
+    text_hidden: int = 64,
+    vision_layers: int = 3,
+    max_positions: int = 256,
+) -> Path:
+    """LLaVA-NeXT: a CLIP tower with 7-px patches and a GQA Mistral LM without a sliding window."""
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=7,
+    )
+    text = transformers.MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+        max_position_embeddings=max_positions,
+    )
+    cfg = transformers.LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_index,
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return _save(transformers.LlavaNextForConditionalGeneration(cfg), out)
+
+
 def load_torch(path: Path) -> torch.nn.Module:
     model = transformers.AutoModel.from_pretrained(path) if "clip" in path.name else None
     if model is None:

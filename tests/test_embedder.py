@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hf_models
 import jax
 import numpy as np
 import pytest
@@ -39,34 +40,17 @@ QUESTIONS = ["What animal is this?", "Is it raining?", "How many people are ther
 
 def write_tiny_llava(out: Path, seed: int = 0) -> Path:
     """A random tiny LLaVA-NeXT (Mistral LM with llava-hf's vocab) saved with its processor and tokenizer."""
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    hf_models.llava_next(
+        out,
+        seed,
         image_size=TILE,
-        patch_size=7,
-    )
-    text = transformers.MistralConfig(
-        vocab_size=32064,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-        max_position_embeddings=512,
-    )
-    cfg = transformers.LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
+        pinpoints=PINPOINTS,
         image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=[list(p) for p in PINPOINTS],
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vocab_size=32064,
+        text_hidden=32,
+        vision_layers=2,
+        max_positions=512,
     )
-    transformers.LlavaNextForConditionalGeneration(cfg).eval().save_pretrained(out, safe_serialization=True)
     image_processor = transformers.LlavaNextImageProcessor(
         size={"shortest_edge": TILE},
         crop_size={"height": TILE, "width": TILE},

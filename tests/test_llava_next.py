@@ -7,6 +7,7 @@ import json
 import types
 from pathlib import Path
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,36 +54,7 @@ PORTRAIT = (50, 23)  # 2×1 grid
 
 
 def _hf_llava_next(out: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=TILE,
-        patch_size=7,
-    )
-    text = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-        max_position_embeddings=256,
-    )
-    cfg = transformers.LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE,
-        image_grid_pinpoints=PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return hf_models.llava_next(out, seed, image_size=TILE, pinpoints=PINPOINTS, image_token_index=IMAGE)
 
 
 @pytest.fixture(scope="module")

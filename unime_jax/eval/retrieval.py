@@ -128,6 +128,18 @@ def _check_pair(a: np.ndarray, b: np.ndarray, names: str) -> tuple[np.ndarray, n
     return a, b
 
 
+def _paired_r1(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    candidate_ids: np.ndarray | Sequence[int] | None,
+    ties: Ties,
+    name: str,
+) -> float:
+    """R@1 of query i against candidates, whose gold is candidate i or any candidate with its id."""
+    queries, candidates = _check_pair(queries, candidates, name)
+    return recall_at_k(queries @ candidates.T, _paired_gold(len(queries), candidate_ids), 1, ties)
+
+
 def t2i_r1(
     text_emb: np.ndarray,
     image_emb: np.ndarray,
@@ -136,8 +148,7 @@ def t2i_r1(
 ) -> float:
     """Text→image R@1 for paired (N, D) embeddings: text i's gold is image i, or any image with the
     same ``image_ids`` entry as image i."""
-    text_emb, image_emb = _check_pair(text_emb, image_emb, "t2i_r1")
-    return recall_at_k(text_emb @ image_emb.T, _paired_gold(len(text_emb), image_ids), 1, ties)
+    return _paired_r1(text_emb, image_emb, image_ids, ties, "t2i_r1")
 
 
 def i2t_r1(
@@ -148,8 +159,7 @@ def i2t_r1(
 ) -> float:
     """Image→text R@1 for paired (N, D) embeddings: image i's gold is text i, or any text with the
     same ``text_ids`` entry as text i."""
-    image_emb, text_emb = _check_pair(image_emb, text_emb, "i2t_r1")
-    return recall_at_k(image_emb @ text_emb.T, _paired_gold(len(image_emb), text_ids), 1, ties)
+    return _paired_r1(image_emb, text_emb, text_ids, ties, "i2t_r1")
 
 
 def compositional_scores(
