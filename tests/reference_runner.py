@@ -1,7 +1,8 @@
-"""Run tests/reference_phi3v_processor.py in the reference interpreter (``UNIME_REFERENCE_PYTHON``).
+"""Run a reference script (tests/reference_*.py) in the reference interpreter (``UNIME_REFERENCE_PYTHON``).
 
 That interpreter (``bash scripts/reference_env.sh``) holds torch 2.14.1 + torchvision, which do not
-install beside the main test env's torch; the tests talk to it through a JSON spec and a .npz file.
+install beside the main test env's torch, and HF datasets; the tests talk to it through a JSON spec
+on stdin and an output file (.npz or .json).
 """
 
 from __future__ import annotations
@@ -15,20 +16,32 @@ import numpy as np
 import pytest
 
 REFERENCE_SCRIPT = Path(__file__).with_name("reference_phi3v_processor.py")
+PARSERS_SCRIPT = Path(__file__).with_name("reference_mmeb_parsers.py")
 
 
 def run_reference(spec: dict, directory: Path) -> dict[str, np.ndarray]:
-    """The script's arrays for `spec`, computed in `directory`; skips when no reference interpreter is set."""
+    """The Phi-3.5-V processor script's arrays for `spec`, computed in `directory`."""
+    output = _run(REFERENCE_SCRIPT, spec, directory / "reference.npz")
+    with np.load(output) as data:
+        return {key: data[key] for key in data.files}
+
+
+def run_reference_json(script: Path, spec: dict, directory: Path) -> object:
+    """A reference script's JSON output for `spec`."""
+    return json.loads(_run(script, spec, directory / f"{script.stem}.json").read_text(encoding="utf-8"))
+
+
+def _run(script: Path, spec: dict, output: Path) -> Path:
+    """Run `script` on `spec`, writing `output`; skips when no reference interpreter is set."""
     python = os.environ.get("UNIME_REFERENCE_PYTHON")
     if not python:
         pytest.skip(
             "UNIME_REFERENCE_PYTHON is unset: run `bash scripts/reference_env.sh` and set "
             "UNIME_REFERENCE_PYTHON to the interpreter it prints (scripts/test.sh does both)"
         )
-    output = directory / "reference.npz"
     # -I: the reference env's own site-packages only, whatever PYTHONPATH this process has.
     result = subprocess.run(
-        [python, "-I", str(REFERENCE_SCRIPT), str(output)],
+        [python, "-I", str(script), str(output)],
         input=json.dumps(spec),
         capture_output=True,
         text=True,
@@ -40,5 +53,4 @@ def run_reference(spec: dict, directory: Path) -> dict[str, np.ndarray]:
             f"the reference script failed under {python} (exit {result.returncode}):\n"
             f"{result.stdout}\n{result.stderr}"
         )
-    with np.load(output) as data:
-        return {key: data[key] for key in data.files}
+    return output

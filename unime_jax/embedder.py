@@ -20,6 +20,7 @@ axes. Single-process only: each call runs on the local devices of the mesh.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
@@ -46,7 +47,8 @@ __all__ = ["ImageSource", "InputError", "UniME"]
 
 logger = logging.getLogger(__name__)
 
-ImageSource = Image.Image | np.ndarray | str | os.PathLike
+# bytes: an encoded image file's contents (e.g. images stored inside a parquet file).
+ImageSource = Image.Image | np.ndarray | str | os.PathLike | bytes
 # What PIL raises for missing, truncated, corrupt or unsupported files.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -60,36 +62,55 @@ class InputError(ValueError):
         self.message = message
 
 
-def _image_size(source: ImageSource, index: int) -> tuple[int, int]:
-    """(height, width) without decoding pixels (files: the header only)."""
+def _describe(source: ImageSource) -> str:
+    return f"({len(source)} bytes)" if isinstance(source, bytes) else os.fspath(source)
+
+
+def _open_file(source: str | os.PathLike | bytes) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _image_size(source: ImageSource, index: int, resize: int | None) -> tuple[int, int]:
+    """(height, width) the processor will see, without decoding pixels (files: the header only)."""
     if isinstance(source, Image.Image):
-        return source.height, source.width
-    if isinstance(source, np.ndarray):
+        size = source.height, source.width
+    elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise InputError(
                 index, f"expected an (H, W, 3) uint8 image array, got {source.dtype} {source.shape}"
             )
-        return int(source.shape[0]), int(source.shape[1])
-    if not isinstance(source, str | os.PathLike):
+        size = int(source.shape[0]), int(source.shape[1])
+    elif not isinstance(source, str | os.PathLike | bytes):
         raise InputError(
-            index, f"an image is a PIL image, a numpy array or a path, got {type(source).__name__}"
+            index,
+            f"an image is a PIL image, a numpy array, a path or encoded bytes, got {type(source).__name__}",
         )
-    try:
-        with Image.open(source) as image:
-            return image.height, image.width
-    except _IMAGE_ERRORS as e:
-        raise InputError(index, f"cannot read image {os.fspath(source)}: {e}") from e
+    else:
+        try:
+            with _open_file(source) as image:
+                size = image.height, image.width
+        except _IMAGE_ERRORS as e:
+            raise InputError(index, f"cannot read image {_describe(source)}: {e}") from e
+    return size if resize is None else (resize, resize)
 
 
-def _open_image(source: ImageSource, index: int) -> ImageInput:
+def _square(image: ImageInput, size: int) -> Image.Image:
+    """VLM2Vec's ``process_image``: the image as opened resized to size x size (PIL's default filter
+    for its mode, aspect ratio ignored), then converted to RGB."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return image.resize((size, size)).convert("RGB")
+
+
+def _open_image(source: ImageSource, index: int, resize: int | None) -> ImageInput:
     if isinstance(source, Image.Image | np.ndarray):
-        return source
+        return source if resize is None else _square(source, resize)
     try:
-        with Image.open(source) as image:
+        with _open_file(source) as image:
             image.load()  # decode now, so a corrupt file is reported here, with its index
-            return image.convert("RGB")
+            return image.convert("RGB") if resize is None else _square(image, resize)
     except _IMAGE_ERRORS as e:
-        raise InputError(index, f"cannot read image {os.fspath(source)}: {e}") from e
+        raise InputError(index, f"cannot read image {_describe(source)}: {e}") from e
 
 
 def _rows(
@@ -147,7 +168,10 @@ class UniME:
         max_len: int = 512,
         raw: bool = False,
         instruction: str | None = None,
+        image_size: int | None = None,
     ) -> None:
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.model_type = model_type
         self.config = config
         self.tokenizer = tokenizer
@@ -155,6 +179,7 @@ class UniME:
         self.max_len = max_len
         self.raw = raw
         self.instruction = instruction
+        self.image_size = image_size
         graphdef, self._state = nnx.split(model)
         # One jitted function for the model's lifetime: its cache is keyed on the batch shapes only.
         self._forward = jax.jit(functools.partial(_forward, graphdef))
@@ -172,6 +197,8 @@ class UniME:
         max_len: int = 512,
         raw: bool = False,
         instruction: str | None = None,
+        image_size: int | None = None,
+        num_crops: int | None = None,
         progress: bool = True,
     ) -> UniME:
         """Load a converted checkpoint (``unime_model.yaml``) or an HF directory (``config.json``,
@@ -183,11 +210,16 @@ class UniME:
           param_dtype: parameter dtype; default the stored one.
           max_len: most text tokens of a text-only input; longer texts are shortened (template kept).
           raw, instruction: the default prompt mode of :meth:`encode` (see ``processing.prompts``).
+          image_size: resize every image to image_size x image_size first, as VLM2Vec's
+            ``process_image`` does (1344: its ``high``, 672: ``mid``); None keeps native sizes.
+          num_crops: the HD crop budget of backbones that have one (Phi-3.5-V); default the
+            checkpoint's (``preprocessor_config.json`` for HF directories).
           progress: show the conversion progress bar for HF directories.
         """
         path = Path(path)
         mesh = mesh or make_mesh()
-        runtime = {k: v for k, v in {"dtype": dtype, "param_dtype": param_dtype}.items() if v is not None}
+        chosen = {"dtype": dtype, "param_dtype": param_dtype, "num_crops": num_crops}
+        runtime = {k: v for k, v in chosen.items() if v is not None}
         if (path / MODEL_FILE).is_file():
             loaded = load_model(path, mesh, **runtime)
         elif (path / "config.json").is_file():
@@ -213,6 +245,7 @@ class UniME:
             max_len=max_len,
             raw=raw,
             instruction=instruction,
+            image_size=image_size,
         )
 
     @property
@@ -298,7 +331,11 @@ class UniME:
         image_rows: list[_Planned] = []
         truncated = 0
         for index, (text, image) in enumerate(rows):
-            tokens = None if image is None else featurizer.num_image_tokens(*_image_size(image, index))
+            tokens = (
+                None
+                if image is None
+                else featurizer.num_image_tokens(*_image_size(image, index, self.image_size))
+            )
             try:
                 ids, cut = featurizer.token_ids(text, tokens)
             except ValueError as e:
@@ -316,7 +353,7 @@ class UniME:
             if p.image is None:
                 images.append(None)
                 continue
-            arrays, tokens = featurizer.process_image(_open_image(p.image, p.index))
+            arrays, tokens = featurizer.process_image(_open_image(p.image, p.index, self.image_size))
             if tokens != p.image_tokens:  # the file changed between reading its header and its pixels
                 raise InputError(p.index, f"image has {tokens} tokens, {p.image_tokens} were planned")
             images.append(arrays)

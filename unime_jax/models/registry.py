@@ -334,5 +334,12 @@ def spec_for(model_type: str) -> ModelSpec:
 
 
 def with_runtime(cfg: Any, **changes: Any) -> Any:
-    """Copy of an architecture config with run-time fields (dtype, attention, ...) changed."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    """Copy of an architecture config with run-time fields (dtype, attention, num_crops, ...) changed.
+
+    A field the config does not have (e.g. ``num_crops`` for LLaVA-NeXT) is a ValueError naming it.
+    """
+    chosen = {k: v for k, v in changes.items() if v is not None}
+    unknown = sorted(set(chosen) - {f.name for f in fields(cfg)})
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__} has no setting {', '.join(unknown)}")
+    return replace(cfg, **chosen)

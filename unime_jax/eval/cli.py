@@ -1,0 +1,358 @@
+"""Argument parsing and the three subcommands of ``python -m unime_jax.eval``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unime_jax.data.errors import DataError
+
+MMEB_EPILOG = """\
+data:
+  --data is the MMEB-eval download (huggingface-cli download TIGER-Lab/MMEB-eval --repo-type dataset
+  --local-dir ROOT): ROOT/<Dataset>/test-*.parquet with qry_text, qry_img_path, tgt_text (list) and
+  tgt_img_path (list); candidate 0 is the positive. The MMEB-V2 instruct layout (qry_inst/tgt_inst
+  columns, ziyjiang/MMEB_Test_Instruct) is read too: its V1 strings are rebuilt. Image paths are
+  relative to --image-root (default: --data); unzip images.zip there.
+
+protocol (VLM2Vec v1 eval.py):
+  Every distinct (text, image) of a dataset is embedded once; texts are the data's strings, no chat
+  template, with <|image_1|> mapped to the backbone's image token. Each row's own candidates are
+  scored by cosine and the argmax is the prediction (ties: the first maximum, i.e. the positive, as
+  numpy and VLM2Vec do); the score is precision@1 per dataset.
+
+the published numbers:
+  UniME-Phi3.5-V:   --num-crops 4 --max-len 256              (native image size)
+  UniME-LLaVA-1.6:  --image-size 1344 --max-len 4096         (what UniME's README command does
+                                                              through VLM2Vec's eval.py)
+  --max-len defaults to these values per backbone. Add --compare unime-phi35v / unime-llava16 to
+  print the paper's row beside yours.
+
+outputs (in --out):
+  <Dataset>_score.json {"acc", "num_correct", "num_pred", "num_rows", "num_skipped"} (VLM2Vec's file;
+  acc over the scored rows), <Dataset>_pred.jsonl (one {"pred": index} per row, in order),
+  <Dataset>_skipped.jsonl (rows that could not be scored: file, row, reason), summary.json and
+  summary.md (percent: overall_36, overall_meta_mean, ind, ood and the four meta-tasks).
+
+resuming:
+  Embeddings are cached per dataset in OUT/cache/ as they are computed: a killed run resumes where
+  it stopped, and a dataset with a score file is skipped. Rerunning into OUT with another model or
+  other settings is refused (run.json).
+
+multi-host:
+  Encoding is split over all devices and processes; on clusters (SLURM, Open MPI, TPU) start one
+  process per host with the same command, or pass --coordinator-address/--num-processes/--process-id.
+
+exit status: 0 done, 1 bad data or model, 2 usage error.
+"""
+
+RETRIEVAL_EPILOG = """\
+datasets (each as its public source ships it; give any subset):
+  --flickr30k DIR     royokong/flickr30k_test (HF download: parquet with image and text columns)
+  --coco DIR          royokong/coco_test (first 5 captions per image kept)
+  --sharegpt4v JSON   share-captioner_coco_lcs_sam_1246k_1107.json, first 1000 records, with
+                      --sharegpt4v-images (the root its "image" paths are relative to)
+  --urban1k DIR       Long-CLIP's Urban1k: image/*.jpg and caption/*.txt
+  --sugarcrepe DIR    SugarCrepe's 7 <subset>.json files, with --sugarcrepe-images (COCO val2017)
+  --pairs FILE        your own: JSON lines {"image": path, "captions": [...]}; relative paths against
+                      --image-root (default: the file's directory); repeatable
+
+protocol:
+  UniME's E5-V "Summary above sentence/image in one word" templates; R@1/5/10 text->image and
+  image->text (an image is a hit when any of its captions ranks in the top k); SugarCrepe counts
+  an image right when its caption beats the negative caption strictly.
+
+outputs (in --out): <name>_score.json (fractions), retrieval_summary.json/.md (percent); embeddings
+are cached in OUT/cache/ while they are computed, so a killed run resumes.
+
+exit status: 0 done, 1 bad data or model, 2 usage error.
+"""
+
+# The official MMEB commands' text budgets (UniME's README through VLM2Vec's eval.py), by prompt style.
+MMEB_MAX_LEN = {"phi3_v": 256, "llava_next": 4096}
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="converted unime-jax checkpoint (unime_model.yaml) or HuggingFace model directory (config.json)",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="directory for scores, summaries and the cache"
+    )
+    parser.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="rows per forward pass (default 32)")
+    parser.add_argument("--max-len", type=_positive, help="most text tokens of a text-only input")
+    parser.add_argument(
+        "--image-size", type=_positive, help="resize every image to N x N first (default: native)"
+    )
+    parser.add_argument(
+        "--num-crops", type=_positive, help="Phi-3.5-V HD crop budget (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive,
+        default=1024,
+        help="items per cached chunk of embeddings (default 1024)",
+    )
+    parser.add_argument("--keep-embeddings", action="store_true", help="keep OUT/cache/ after scoring")
+    parser.add_argument("--compare", help="a published row to print beside the results, e.g. unime-llava16")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    multi = parser.add_argument_group("multi-host (jax.distributed; SLURM/Open MPI/TPU are auto-detected)")
+    multi.add_argument("--coordinator-address", help="host:port of process 0")
+    multi.add_argument("--num-processes", type=int, help="number of processes")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0-based")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unime_jax.eval",
+        description="Evaluate a UniME model on MMEB (36 datasets) and UniME's zero-shot retrieval suite.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{mmeb,retrieval,summarize}")
+    raw = argparse.RawDescriptionHelpFormatter
+    mmeb = commands.add_parser(
+        "mmeb", help="MMEB precision@1 per dataset", epilog=MMEB_EPILOG, formatter_class=raw,
+        description="MMEB-eval with VLM2Vec v1's protocol: precision@1 per dataset and the papers' aggregates.",
+    )  # fmt: skip
+    _add_model_args(mmeb)
+    mmeb.add_argument("--data", required=True, type=Path, help="MMEB-eval root: <Dataset>/test-*.parquet")
+    mmeb.add_argument("--image-root", type=Path, help="base of the image paths (default: --data)")
+    mmeb.add_argument(
+        "--datasets", help="comma-separated dataset names (default: every dataset under --data)"
+    )
+    ret = commands.add_parser(
+        "retrieval", help="Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe, your pairs",
+        epilog=RETRIEVAL_EPILOG, formatter_class=raw,
+        description="UniME's zero-shot retrieval suite: R@1/5/10 in both directions and SugarCrepe.",
+    )  # fmt: skip
+    _add_model_args(ret)
+    ret.add_argument("--flickr30k", type=Path, help="royokong/flickr30k_test download directory")
+    ret.add_argument("--coco", type=Path, help="royokong/coco_test download directory")
+    ret.add_argument("--sharegpt4v", type=Path, help="share-captioner_coco_lcs_sam_1246k_1107.json")
+    ret.add_argument("--sharegpt4v-images", type=Path, help="root of ShareGPT4V's image paths")
+    ret.add_argument("--urban1k", type=Path, help="Urban1k directory (image/, caption/)")
+    ret.add_argument("--sugarcrepe", type=Path, help="directory of SugarCrepe's <subset>.json files")
+    ret.add_argument("--sugarcrepe-images", type=Path, help="COCO val2017 images")
+    ret.add_argument("--pairs", type=Path, action="append", default=[], help="JSON lines of image + captions")
+    ret.add_argument(
+        "--image-root", type=Path, help="base of --pairs image paths (default: the file's directory)"
+    )
+    summarize = commands.add_parser(
+        "summarize", help="recompute the summaries from the score files in a directory",
+        description="Recompute summary.{json,md} (MMEB) and retrieval_summary.{json,md} from OUT's "
+        "<name>_score.json files, e.g. after runs split across machines.",
+    )  # fmt: skip
+    summarize.add_argument("out", type=Path, help="directory holding <name>_score.json files")
+    summarize.add_argument(
+        "--compare", help="a published row to print beside the results, e.g. unime-llava16"
+    )
+    return parser
+
+
+def _model_type(path: Path) -> str:
+    """The model type of a checkpoint or HF directory, read without loading it."""
+    for name, load in (("unime_model.yaml", yaml.safe_load), ("config.json", json.loads)):
+        file = path / name
+        if file.is_file():
+            return str(load(file.read_text(encoding="utf-8"))["model_type"])
+    raise FileNotFoundError(
+        f"{path} is neither a unime-jax checkpoint (unime_model.yaml) nor an HF model directory"
+    )
+
+
+def _fingerprint(path: Path) -> str:
+    """Names, sizes and modification times of the model's files: changes when its weights do."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _settings(args: argparse.Namespace, benchmark: str, max_len: int, model_type: str) -> dict[str, Any]:
+    return {
+        "benchmark": benchmark,
+        "model": str(args.model.resolve()),
+        "model_fingerprint": _fingerprint(args.model),
+        "model_type": model_type,
+        "dtype": args.dtype,
+        "max_len": max_len,
+        "image_size": args.image_size,
+        "num_crops": args.num_crops,
+    }
+
+
+def _load(args: argparse.Namespace, benchmark: str) -> tuple[Any, dict[str, Any]]:
+    """Join the multi-process run, then load the model on this process's devices."""
+    import jax
+
+    from unime_jax.embedder import UniME
+    from unime_jax.processing.prompts import style_for
+    from unime_jax.sharding import make_mesh
+    from unime_jax.training import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    model_type = _model_type(args.model)
+    max_len = args.max_len or (MMEB_MAX_LEN[style_for(model_type)] if benchmark == "mmeb" else 512)
+    model = UniME.load(
+        args.model,
+        mesh=make_mesh(devices=jax.local_devices()),
+        dtype=args.dtype,
+        max_len=max_len,
+        image_size=args.image_size,
+        num_crops=args.num_crops,
+        progress=not args.no_progress,
+    )
+    return model, _settings(args, benchmark, max_len, model_type)
+
+
+def _datasets(args: argparse.Namespace) -> list[str]:
+    from unime_jax.eval.mmeb_data import dataset_files
+    from unime_jax.eval.mmeb_tasks import MMEB_DATASETS
+
+    if args.datasets:
+        names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+        missing = [n for n in names if not dataset_files(args.data, n)]
+        if missing:
+            raise DataError(f"no {args.data}/<name>/test-*.parquet for dataset(s) {', '.join(missing)}")
+        return names
+    if not args.data.is_dir():
+        raise DataError(f"--data {args.data} is not a directory")
+    present = {d.name for d in args.data.iterdir() if d.is_dir() and dataset_files(args.data, d.name)}
+    if not present:
+        raise DataError(f"no <Dataset>/test-*.parquet under {args.data}; is it the MMEB-eval download?")
+    return [n for n in MMEB_DATASETS if n in present] + sorted(present - set(MMEB_DATASETS))
+
+
+def _mmeb(args: argparse.Namespace) -> int:
+    from unime_jax.eval.mmeb import MmebRun, run_mmeb
+    from unime_jax.eval.summary import write_summary
+
+    datasets = _datasets(args)  # before loading the model: a typo fails in a second
+    model, settings = _load(args, "mmeb")
+    run = MmebRun(
+        args.data, args.image_root or args.data, args.out, settings,
+        batch_size=args.batch_size, chunk_size=args.chunk_size,
+        keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
+    )  # fmt: skip
+    run_mmeb(model, run, datasets)
+    import jax
+
+    if jax.process_index() == 0:
+        write_summary(args.out, args.compare)
+        print((args.out / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _retrieval_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    from unime_jax.eval import retrieval_data as rd
+
+    pairs = []
+    if args.flickr30k:
+        pairs.append(rd.read_hf_parquet(args.flickr30k, "flickr30k"))
+    if args.coco:
+        pairs.append(rd.read_hf_parquet(args.coco, "coco", max_captions=5))
+    if args.sharegpt4v:
+        if not args.sharegpt4v_images:
+            raise DataError("--sharegpt4v needs --sharegpt4v-images, the root of its image paths")
+        pairs.append(rd.read_sharegpt4v(args.sharegpt4v, args.sharegpt4v_images))
+    if args.urban1k:
+        pairs.append(rd.read_urban1k(args.urban1k))
+    for path in args.pairs:
+        pairs.append(rd.read_pairs_jsonl(path, args.image_root))
+    sugarcrepe = []
+    if args.sugarcrepe:
+        if not args.sugarcrepe_images:
+            raise DataError("--sugarcrepe needs --sugarcrepe-images, the COCO val2017 image directory")
+        sugarcrepe = rd.read_sugarcrepe(args.sugarcrepe, args.sugarcrepe_images)
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise DataError(f"two datasets share a name ({', '.join(names)}); rename a --pairs file")
+    if not pairs and not sugarcrepe:
+        raise DataError(
+            "no dataset given: pass --flickr30k, --coco, --sharegpt4v, --urban1k, --sugarcrepe or --pairs"
+        )
+    return pairs, sugarcrepe
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from unime_jax.eval.retrieval_suite import RetrievalRun, run_retrieval, write_retrieval_summary
+    from unime_jax.eval.store import check_run_file
+
+    pairs, sugarcrepe = _retrieval_sets(args)
+    model, settings = _load(args, "retrieval")
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_run_file(args.out, settings)
+    run = RetrievalRun(
+        args.out, settings, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
+    )  # fmt: skip
+    scores = run_retrieval(model, run, pairs, sugarcrepe)
+    import jax
+
+    if jax.process_index() == 0:
+        write_retrieval_summary(args.out, scores, args.compare)
+        print((args.out / "retrieval_summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from unime_jax.eval.retrieval_suite import read_retrieval_scores, write_retrieval_summary
+    from unime_jax.eval.summary import read_scores, write_summary
+
+    if not args.out.is_dir():
+        raise DataError(f"{args.out} is not a directory")
+    printed = False
+    if read_scores(args.out):
+        write_summary(args.out, args.compare if args.compare in _mmeb_rows() else None)
+        print((args.out / "summary.md").read_text(encoding="utf-8"))
+        printed = True
+    retrieval = read_retrieval_scores(args.out)
+    if retrieval:
+        write_retrieval_summary(
+            args.out, retrieval, args.compare if args.compare in _retrieval_rows() else None
+        )
+        print((args.out / "retrieval_summary.md").read_text(encoding="utf-8"))
+        printed = True
+    if not printed:
+        raise DataError(f"no <name>_score.json files in {args.out}")
+    return 0
+
+
+def _mmeb_rows() -> list[str]:
+    from unime_jax.eval.paper import MMEB
+
+    return list(MMEB)
+
+
+def _retrieval_rows() -> list[str]:
+    from unime_jax.eval.paper import RETRIEVAL
+
+    return list(RETRIEVAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare and args.compare not in {*_mmeb_rows(), *_retrieval_rows()}:
+        parser.error(f"--compare {args.compare}: no published row; known: {', '.join(_mmeb_rows())}")
+    commands = {"mmeb": _mmeb, "retrieval": _retrieval, "summarize": _summarize}
+    try:
+        return commands[args.command](args)
+    except (DataError, OSError, ValueError) as e:  # bad data, model files or settings: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,245 @@
+"""UniME's zero-shot retrieval suite: R@1/5/10 both ways, and SugarCrepe's pairwise accuracy.
+
+Inputs are embedded with UniME's E5-V "in one word" templates (``UniME.encode``'s default: one for
+a caption, one for an image), as UniME's ``self_evaluate`` scripts do for every model.
+
+- **Recall@k** (UniME's hit@k): text→image, a caption's query is a hit when its image ranks in
+  the top k; image→text, an image is a hit when *any* of its captions does. Text→image is reported
+  first, as in the paper's v4. Ties are ranked against the gold (a constant model scores 0), where
+  UniME's ``torch.topk`` breaks them arbitrarily; trained models do not produce ties.
+- **SugarCrepe**: an image is right when its caption scores strictly higher than the negative
+  caption; Replace, Swap and Add are the means of their subsets.
+
+Per dataset, ``out/<name>_score.json`` holds fractions (``t2i_r1``, ``t2i_r5``, ``t2i_r10``,
+``i2t_r1``, ... or SugarCrepe's subsets and groups) and the counts evaluated; the table of all of them,
+in percent, is ``out/retrieval_summary.{json,md}``. An image that cannot be read is left out with its
+captions, and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from unime_jax.embedder import UniME
+from unime_jax.eval import paper, retrieval
+from unime_jax.eval.encoding import Entry, agree, encode_entries
+from unime_jax.eval.retrieval_data import SUGARCREPE_GROUPS, Pairs, SugarCrepeSubset
+from unime_jax.eval.store import EmbeddingStore, atomic_write_text
+from unime_jax.eval.summary import SCORE_SUFFIX
+
+__all__ = [
+    "KS",
+    "RetrievalRun",
+    "pair_metrics",
+    "read_retrieval_scores",
+    "run_retrieval",
+    "sugarcrepe_accuracy",
+    "write_retrieval_summary",
+]
+
+KS = (1, 5, 10)
+SUGARCREPE = "sugarcrepe"
+
+
+@dataclass(frozen=True)
+class RetrievalRun:
+    out: Path
+    settings: dict[str, Any]
+    batch_size: int = 32
+    chunk_size: int = 1024
+    keep_embeddings: bool = False
+    progress: bool = True
+
+
+def pair_metrics(
+    image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: Sequence[int]
+) -> dict[str, float]:
+    """``t2i_r{k}`` and ``i2t_r{k}`` for k in 1, 5, 10 (fractions)."""
+    caption_image = np.asarray(caption_image)
+    sim = np.asarray(caption_emb, np.float64) @ np.asarray(image_emb, np.float64).T
+    by_image = [np.flatnonzero(caption_image == i) for i in range(len(image_emb))]
+    out = {f"t2i_r{k}": retrieval.recall_at_k(sim, caption_image, k) for k in KS}
+    out |= {f"i2t_r{k}": retrieval.recall_at_k(sim.T, by_image, k) for k in KS}
+    return out
+
+
+def sugarcrepe_accuracy(image_emb: np.ndarray, positive_emb: np.ndarray, negative_emb: np.ndarray) -> float:
+    """Fraction of images whose caption beats the negative caption, strictly (a tie is wrong)."""
+    return float(retrieval.compositional_scores(image_emb, positive_emb, negative_emb).mean())
+
+
+def _embed(
+    model: UniME, run: RetrievalRun, name: str, entries: list[Entry], keys: list[str]
+) -> tuple[np.ndarray, list[str]]:
+    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()
+    store = EmbeddingStore(
+        run.out / "cache" / name, {**run.settings, "items_sha256": digest}, len(entries), run.chunk_size
+    )
+    return encode_entries(
+        model, entries, store, raw=False, batch_size=run.batch_size, desc=name, progress=run.progress
+    )
+
+
+def _unique_texts(texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Distinct texts (embedded once) and each text's position among them."""
+    order: dict[str, int] = {}
+    positions = [order.setdefault(t, len(order)) for t in texts]
+    return list(order), positions
+
+
+def _report(name: str, problems: list[str]) -> None:
+    if problems:
+        print(f"{name}: {len(problems)} item(s) left out; first: {problems[0]}", file=sys.stderr)
+
+
+def evaluate_pairs(model: UniME, run: RetrievalRun, pairs: Pairs) -> dict[str, Any] | None:
+    texts, positions = _unique_texts(pairs.captions)
+    entries = [Entry(None, image) for image in pairs.images] + [Entry(t, None) for t in texts]
+    keys = [f"image:{n}" for n in pairs.image_names] + [f"text:{t}" for t in texts]
+    embeddings, errors = _embed(model, run, pairs.name, entries, keys)
+    if jax.process_index() != 0:
+        return None
+    n = len(pairs.images)
+    problems = list(pairs.bad) + [f"image {pairs.image_names[i]}: {errors[i]}" for i in range(n) if errors[i]]
+    captions = [
+        j for j, p in enumerate(positions) if not errors[n + p] and not errors[pairs.caption_image[j]]
+    ]
+    problems += [f"caption {j}: {errors[n + p]}" for j, p in enumerate(positions) if errors[n + p]]
+    images = sorted({pairs.caption_image[j] for j in captions})
+    if not images:
+        raise ValueError(f"{pairs.name}: nothing could be embedded; first problem: {problems[0]}")
+    remap = {old: new for new, old in enumerate(images)}
+    score: dict[str, Any] = pair_metrics(
+        embeddings[images],
+        embeddings[[n + positions[j] for j in captions]],
+        [remap[pairs.caption_image[j]] for j in captions],
+    )
+    score |= {"num_images": len(images), "num_captions": len(captions), "num_skipped": len(problems)}
+    _report(pairs.name, problems)
+    return score
+
+
+def evaluate_sugarcrepe(
+    model: UniME, run: RetrievalRun, subsets: Sequence[SugarCrepeSubset]
+) -> dict[str, Any] | None:
+    score: dict[str, Any] = {}
+    problems: list[str] = []
+    for subset in subsets:
+        texts, positions = _unique_texts(subset.positives + subset.negatives)
+        n = len(subset.images)
+        entries = [Entry(None, image) for image in subset.images] + [Entry(t, None) for t in texts]
+        keys = [f"image:{i}" for i in subset.images] + [f"text:{t}" for t in texts]
+        embeddings, errors = _embed(model, run, f"{SUGARCREPE}_{subset.name}", entries, keys)
+        if jax.process_index() != 0:
+            continue
+        pos, neg = positions[:n], positions[n:]
+        failures = {i: errors[i] or errors[n + pos[i]] or errors[n + neg[i]] for i in range(n)}
+        good = [i for i in range(n) if not failures[i]]
+        problems += subset.bad + [f"{subset.name} item {i}: {e}" for i, e in failures.items() if e]
+        score[subset.name] = sugarcrepe_accuracy(
+            embeddings[good], embeddings[[n + pos[i] for i in good]], embeddings[[n + neg[i] for i in good]]
+        )
+        score[f"num_{subset.name}"] = len(good)
+    if jax.process_index() != 0:
+        return None
+    for group, members in SUGARCREPE_GROUPS.items():
+        score[group] = float(np.mean([score[m] for m in members]))
+    score["num_skipped"] = len(problems)
+    _report(SUGARCREPE, problems)
+    return score
+
+
+def run_retrieval(
+    model: UniME, run: RetrievalRun, pair_sets: Sequence[Pairs], sugarcrepe: Sequence[SugarCrepeSubset] = ()
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each pairs set and SugarCrepe (skipping those scored earlier); scores by name."""
+    scores = {}
+    jobs: list[tuple[str, Any]] = [(p.name, p) for p in pair_sets] + (
+        [(SUGARCREPE, sugarcrepe)] if sugarcrepe else []
+    )
+    for name, data in jobs:
+        path = run.out / f"{name}{SCORE_SUFFIX}"
+        if agree(path.is_file()):
+            if jax.process_index() == 0:
+                print(f"{name}: scored earlier ({path}), skipping", file=sys.stderr)
+                scores[name] = json.loads(path.read_text(encoding="utf-8"))
+            continue
+        score = (
+            evaluate_sugarcrepe(model, run, data) if name == SUGARCREPE else evaluate_pairs(model, run, data)
+        )
+        if score is None:
+            continue
+        atomic_write_text(path, json.dumps(score, indent=4) + "\n")
+        if not run.keep_embeddings:
+            for cache in (run.out / "cache").glob(f"{name}*"):
+                shutil.rmtree(cache, ignore_errors=True)
+        scores[name] = score
+    return scores
+
+
+def read_retrieval_scores(out: Path) -> dict[str, dict[str, Any]]:
+    """The retrieval score files in ``out`` (those with ``t2i_r1``, and SugarCrepe's), by name."""
+    scores = {}
+    for path in sorted(Path(out).glob(f"*{SCORE_SUFFIX}")):
+        name = path.name[: -len(SCORE_SUFFIX)]
+        try:
+            score = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read score file {path}: {e}") from e
+        if isinstance(score, dict) and ("t2i_r1" in score or (name == SUGARCREPE and "replace" in score)):
+            scores[name] = score
+    return scores
+
+
+def _percent(score: Mapping[str, Any]) -> dict[str, float]:
+    return {k: 100 * v for k, v in score.items() if not k.startswith("num_") and isinstance(v, float)}
+
+
+def retrieval_markdown(summary: Mapping[str, Mapping[str, float]], compare: str | None = None) -> str:
+    published = paper.RETRIEVAL.get(compare or "", {})
+    columns = [f"t2i_r{k}" for k in KS] + [f"i2t_r{k}" for k in KS]
+    lines = ["# Zero-shot retrieval (R@k, %; text→image first)", ""]
+    pair_names = [n for n in summary if n != SUGARCREPE]
+    if pair_names:
+        head = "| dataset | " + " | ".join(c.replace("_r", " R@") for c in columns) + " |"
+        lines += [head, "|---|" + "---:|" * len(columns)]
+        for name in pair_names:
+            cells = [f"{summary[name][c]:.1f}" for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            if published and f"{name}/t2i_r1" in published:
+                lines.append(
+                    f"| paper: {compare} | {published[f'{name}/t2i_r1']:.1f} | | | {published[f'{name}/i2t_r1']:.1f} | | |"
+                )
+    if SUGARCREPE in summary:
+        groups = list(SUGARCREPE_GROUPS)
+        lines += ["", "| SugarCrepe | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        lines.append("| measured | " + " | ".join(f"{summary[SUGARCREPE][g]:.1f}" for g in groups) + " |")
+        if published:
+            lines.append(
+                f"| paper: {compare} | "
+                + " | ".join(f"{published[f'sugarcrepe/{g}']:.1f}" for g in groups)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_retrieval_summary(
+    out: Path, scores: Mapping[str, Mapping[str, Any]], compare: str | None = None
+) -> dict:
+    """``out/retrieval_summary.json`` (percent) and ``.md``; ``compare`` adds a Table 2 row."""
+    if compare is not None and compare not in paper.RETRIEVAL:
+        raise ValueError(f"no published retrieval row {compare!r}; known: {', '.join(paper.RETRIEVAL)}")
+    summary = {name: _percent(score) for name, score in scores.items()}
+    atomic_write_text(Path(out) / "retrieval_summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(Path(out) / "retrieval_summary.md", retrieval_markdown(summary, compare))
+    return summary
