@@ -41,6 +41,14 @@ def test_right_padded_prompt_with_bos_and_no_eos(tokenizer) -> None:
     assert not out[TRUNCATED]
 
 
+def test_raw_texts_are_cut_like_the_tokenizers_own_truncation(tokenizer) -> None:
+    """No template (MMEB's raw strings): the ids are what VLM2Vec's processor call gives."""
+    text = "<|image_1|>\nFind a Wikipedia image that answers this question: " + "why is the sky blue " * 20
+    ids, truncated = TextFeaturizer(tokenizer, 40).encode(text)
+    assert truncated and ids == tokenizer(text, truncation=True, max_length=40)["input_ids"] and len(ids) == 40
+    assert TextFeaturizer(tokenizer, 400).encode(text) == (tokenizer(text)["input_ids"], False)
+
+
 def test_truncation_shortens_the_text_and_keeps_the_template(tokenizer) -> None:
     featurizer = TextFeaturizer(tokenizer, 24, LLAVA_TEMPLATE)
     out = featurizer("A man is playing a guitar on a small stage in the park. " * 4)

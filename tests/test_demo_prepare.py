@@ -17,11 +17,13 @@ from unime_jax.data.images import load_image
 from unime_jax.data.mmeb import MmebSource, TextImage
 from unime_jax.data.nli import NliSource, read_nli_csv
 from unime_jax.demo import shapes
+from unime_jax.demo.benchmark import DATASETS, evaluate, write_benchmark
 from unime_jax.demo.config import DemoSection
-from unime_jax.demo.evaluate import evaluate
 from unime_jax.demo.prepare import I2T_QUERY, IMAGE_TARGET, SUBSETS, PreparedData, heldout, prepare, t2i_query
 from unime_jax.demo.report import plot, results_table, write_results
 from unime_jax.embedder import UniME
+from unime_jax.eval.mmeb_data import Item, read_dataset
+from unime_jax.eval.retrieval_data import read_pairs_jsonl
 from unime_jax.model_io import init_model
 from unime_jax.models.registry import spec_for
 from unime_jax.sharding import make_mesh
@@ -110,12 +112,21 @@ def test_rerun_reuses_what_still_matches(prepared: PreparedData, tmp_path) -> No
 
 
 def test_report_files(tmp_path) -> None:
-    row = {"t2i_r1": 0.25, "i2t_r1": 0.5, "compositional_acc": 0.75, "chance_r1": 0.01}
-    results = {name: row for name in ("ablation_k0", "after_stage2", "after_stage1", "before")}
+    row = {
+        "t2i_r1": 0.25,
+        "i2t_r1": 0.5,
+        "compositional_acc": 0.75,
+        "retrieval_t2i_r1": 0.2,
+        "retrieval_i2t_r1": 0.3,
+        "t2i_r1_ci95": [0.2, 0.3],
+        "chance": {"t2i_r1": 0.01, "compositional_acc": 0.5},
+    }
+    results = {name: dict(row) for name in ("ablation_k0", "after_stage2", "after_stage1", "before")}
+    results["ablation_k0"]["vs_after_stage2"] = {"t2i_r1": {"difference": -0.02, "p_value": 0.5}}
     table = results_table(results)
-    assert (
-        table.index("before") < table.index("after stage 1") < table.index("ablation") and "chance" in table
-    )
+    assert table.index("before") < table.index("after stage 1") < table.index("ablation")
+    assert "0.250 ±0.050" in table and "chance (a random ranking): t2i R@1 0.010, twin acc 0.500" in table
+    assert "k=0 minus k=8 on the same held-out rows: t2i R@1 -0.020 (McNemar p=0.50)" in table
     written = json.loads(write_results(tmp_path, results).read_text())
     assert list(written) == ["before", "after_stage1", "after_stage2", "ablation_k0"]
     assert all({"t2i_r1", "i2t_r1", "compositional_acc"} <= set(m) for m in written.values())
@@ -128,36 +139,71 @@ def test_report_files(tmp_path) -> None:
         assert png.format == "PNG" and png.width > 100
 
 
-class _OracleEmbedder:
-    """One-hot of each input's meaning (twins: a vector of their own): a perfect embedder, which
-    also checks that evaluate sends the stage-2 training strings in raw mode."""
+def test_the_held_out_benchmark_is_in_the_mmeb_and_pairs_formats(tmp_path) -> None:
+    held = heldout(DEMO)
+    ids = held.caption_ids.tolist()
+    assert len(set(ids)) < DEMO.eval_scenes  # some scenes mean the same: they must not be negatives
+    bench = write_benchmark(tmp_path, held)
+    t2i, i2t, twin = (read_dataset(bench.mmeb_root, name) for name in DATASETS)
+    assert [d.num_rows for d in (t2i, i2t, twin)] == [DEMO.eval_scenes] * 3 and not t2i.bad
+    path = [f"images/{i:06d}.png" for i in range(DEMO.eval_scenes)]
+    for i in (0, 5):
+        same = [j for j in range(DEMO.eval_scenes) if ids[j] == ids[i]]
+        assert t2i.rows[i].query == Item(t2i_query(held.captions[i]), "")
+        assert [c.image for c in t2i.rows[i].candidates] == [path[i]] + [
+            p for j, p in enumerate(path) if j not in same
+        ]
+        assert (
+            i2t.rows[i].query == Item(I2T_QUERY, path[i])
+            and i2t.rows[i].candidates[0].text == held.captions[i]
+        )
+        assert len(i2t.rows[i].candidates) == 1 + len(set(ids)) - 1
+        assert twin.rows[i].candidates == (Item(held.captions[i], ""), Item(held.twin_captions[i], ""))
+    assert all(c.text == IMAGE_TARGET for c in t2i.rows[0].candidates)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / path[3])), held.images[3])
+    pairs = read_pairs_jsonl(bench.pairs)
+    assert len(pairs.images) == len(set(ids)) and pairs.captions[0] == held.captions[0]
+    assert bench.chance["compositional_acc"] == 0.5 and bench.chance["retrieval_t2i_r1"] == 1 / len(set(ids))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    write_benchmark(tmp_path, held)  # unchanged: reused as it is
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
-    def __init__(self, held: shapes.ShapesData) -> None:
-        self.caption_id = dict(zip(held.captions, held.caption_ids.tolist(), strict=True))
-        self.image_id = {im.tobytes(): int(i) for im, i in zip(held.images, held.caption_ids, strict=True)}
-        self.dim = int(held.caption_ids.max()) + 2
+
+class _OracleEmbedder:
+    """One-hot of each input's meaning, read off the benchmark's own files: a perfect embedder. It
+    also checks the prompt modes: raw MMEB strings, and UniME's templates for the pairs."""
+
+    def __init__(self, held: shapes.ShapesData, root: Path) -> None:
+        self.meaning = {held.captions[i]: int(c) for i, c in enumerate(held.caption_ids)}
+        self.meaning |= {str(root / f"images/{i:06d}.png"): int(c) for i, c in enumerate(held.caption_ids)}
+        self.dim = int(held.caption_ids.max()) + 2  # the last one: every twin
 
     def encode(self, texts, images=None, *, raw=None, batch_size=32, progress=None) -> np.ndarray:
-        assert raw is True
-        if images is None:
-            prefix = t2i_query("")
-            ids = [self.caption_id.get(t.removeprefix(prefix), self.dim - 1) for t in texts]
-        else:
-            assert set(texts) <= {I2T_QUERY, IMAGE_TARGET}
-            ids = [self.image_id[im.tobytes()] for im in images]
+        ids = []
+        for text, image in zip(texts, images, strict=True):
+            if image is not None:
+                assert (text in (I2T_QUERY, IMAGE_TARGET)) if raw else text is None
+                ids.append(self.meaning[str(image)])
+            else:
+                caption = text.removeprefix(t2i_query("")) if raw else text
+                ids.append(self.meaning.get(caption, self.dim - 1))
         return np.eye(self.dim, dtype=np.float32)[ids]
 
 
-def test_evaluate_counts_equivalent_duplicates_as_hits() -> None:
+def test_a_perfect_embedder_scores_one_everywhere(tmp_path) -> None:
     held = heldout(DEMO)
-    assert len(np.unique(held.caption_ids)) < DEMO.eval_scenes  # duplicates exist, so ids matter
-    metrics = evaluate(_OracleEmbedder(held), held)
-    assert metrics["t2i_r1"] == metrics["i2t_r1"] == metrics["compositional_acc"] == 1.0
-    counts = np.unique(held.caption_ids, return_counts=True)[1]
-    assert metrics["chance_r1"] == pytest.approx((counts**2).sum() / DEMO.eval_scenes**2)
+    bench = write_benchmark(tmp_path / "bench", held)
+    metrics = evaluate(_OracleEmbedder(held, bench.root), bench, tmp_path / "out", "oracle")
+    for metric in ("t2i_r1", "i2t_r1", "compositional_acc", "retrieval_t2i_r1", "retrieval_i2t_r1"):
+        assert metrics[metric] == 1.0, metric
+        assert metrics[f"{metric}_ci95"][1] == 1.0 and metrics[f"{metric}_ci95"][0] > 0.8
+    assert all(metrics[f"compositional_acc/{k}"] == 1.0 for k in held.twin_kinds)
+    # The harness's own outputs are there, as the CLIs write them.
+    assert (tmp_path / "out" / "mmeb" / "ShapesTwin_pred.jsonl").is_file()
+    assert (tmp_path / "out" / "retrieval" / "retrieval_summary.md").is_file()
 
 
-def test_evaluate_runs_on_a_tiny_random_llava_next() -> None:
+def test_evaluate_runs_on_a_tiny_random_llava_next(tmp_path) -> None:
     pytest.importorskip("mistral_common")
     cfg = llava_config()
     mesh = make_mesh()
@@ -165,7 +211,8 @@ def test_evaluate_runs_on_a_tiny_random_llava_next() -> None:
         init_model(spec_for("llava_next"), cfg, mesh), "llava_next", cfg, llava_tokenizer(), mesh=mesh
     )
     held = heldout(dataclasses.replace(DEMO, eval_scenes=16))
-    metrics = evaluate(embedder, held, batch_size=16)
+    metrics = evaluate(embedder, write_benchmark(tmp_path / "bench", held), tmp_path / "out", "random", 16)
     kinds = {f"compositional_acc/{k}" for k in held.twin_kinds}
-    assert set(metrics) == {"t2i_r1", "i2t_r1", "compositional_acc", "chance_r1"} | kinds
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    main = {"t2i_r1", "i2t_r1", "compositional_acc", "retrieval_t2i_r1", "retrieval_i2t_r1"}
+    assert set(metrics) == main | {f"{m}_ci95" for m in main} | kinds | {"chance"}
+    assert all(0.0 <= metrics[m] <= 1.0 for m in main)

@@ -27,7 +27,8 @@ from reference_runner import PARSERS_SCRIPT, run_reference_json
 from test_embedder import Reference, write_tiny_llava
 
 from unime_jax.eval.cli import main
-from unime_jax.eval.mmeb_data import Item, read_dataset
+from unime_jax.eval.mmeb import predict
+from unime_jax.eval.mmeb_data import Item, MmebDataset, Row, read_dataset
 from unime_jax.eval.mmeb_tasks import MMEB_DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,10 +78,23 @@ def test_predictions_match_an_independent_transformers_computation(native_run, d
             "num_pred": len(rows),
             "num_rows": len(rows),
             "num_skipped": 0,
+            "num_tied": 0,  # the all-ties row repeats one item: no tie between different items
         }
     # The all-ties row: every candidate is the same item, so the first maximum (the positive) wins.
     assert read_preds(native_run / "MSCOCO_t2i_pred.jsonl")[-1] == 0
     assert not (native_run / "cache" / "VOC2007").exists()  # the cache goes once a dataset is scored
+
+
+def test_ties_go_to_the_first_maximum_and_are_counted():
+    """VLM2Vec's get_pred: np.argmax; different items with equal scores are a tie the rule decides."""
+    query, a, b, c = Item("q", ""), Item("a", ""), Item("b", ""), Item("c", "")
+    rows = [Row(0, "f", 0, query, (a, b, c)), Row(1, "f", 1, query, (c, b, a)), Row(2, "f", 2, query, (b, b))]
+    dataset = MmebDataset("X", "v1", [], 3, rows)
+    index = {query: 0, a: 1, b: 2, c: 3}
+    embeddings = np.array([[1, 0], [0.6, 0.8], [0.6, 0.8], [0, 1]], np.float32)  # a and b are equal
+    preds, skipped, tied = predict(dataset, index, embeddings, [""] * 4)
+    assert preds == {0: 0, 1: 1, 2: 0} and not skipped
+    assert tied == 2  # rows 0 and 1; row 2's candidates are one item twice
 
 
 def test_image_size_resizes_every_image_first(hf_dir, data, reference, tmp_path):
@@ -139,6 +153,16 @@ def test_usage_errors_are_one_line(hf_dir, data, tmp_path, capsys):
             ]
         )
     assert exit_info.value.code == 2
+
+
+def test_num_crops_is_a_phi3_v_setting():
+    from test_prompts import llava_config, phi3_v_config
+
+    from unime_jax.models.registry import with_runtime
+
+    assert with_runtime(phi3_v_config(), num_crops=16).max_crops == 17
+    with pytest.raises(ValueError, match="LlavaNextConfig has no setting num_crops"):
+        with_runtime(llava_config(), num_crops=4)
 
 
 def test_bad_rows_and_images_are_counted_and_reported(hf_dir, tmp_path, capsys):

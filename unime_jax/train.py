@@ -92,15 +92,35 @@ def _prepare_demo(cfg: Config, workdir: Path) -> tuple[Config, Any]:
     return replace(cfg, data=data), prepared.heldout
 
 
-def _evaluator(cfg: Config, mesh: Any, held: Any, backbone: Any):
-    from unime_jax.demo.evaluate import evaluate
+def _evaluator(mesh: Any, held: Any, backbone: Any, workdir: Path):
+    """Scores a model on the demo's held-out benchmark through the evaluation harness."""
+    import shutil
+
+    from unime_jax.demo.benchmark import evaluate, write_benchmark
     from unime_jax.embedder import UniME
 
-    def run(model: Any) -> dict[str, float]:
-        embedder = UniME(model, backbone.model_type, backbone.config, backbone.tokenizer, mesh=mesh, raw=True)
-        return evaluate(embedder, held)
+    bench = write_benchmark(workdir / "data" / "eval", held)
+
+    def run(model: Any, label: str) -> dict[str, Any]:
+        out = workdir / "eval" / label
+        shutil.rmtree(out, ignore_errors=True)  # seconds to recompute, and never stale after a config change
+        embedder = UniME(model, backbone.model_type, backbone.config, backbone.tokenizer, mesh=mesh)
+        return evaluate(embedder, bench, out, label)
 
     return run
+
+
+def _compare_ablation(workdir: Path, results: dict[str, dict[str, Any]]) -> None:
+    """k=0 against k=8 on the same held-out rows: the difference and McNemar's exact p-value."""
+    from unime_jax.demo.benchmark import METRIC_DATASETS, paired_correct
+    from unime_jax.eval.stats import mcnemar_p
+
+    comparison = {}
+    for metric in METRIC_DATASETS:
+        k0, k8 = (paired_correct(workdir / "eval" / run, metric) for run in ("ablation_k0", "after_stage2"))
+        difference = results["ablation_k0"][metric] - results["after_stage2"][metric]
+        comparison[metric] = {"difference": difference, "p_value": mcnemar_p(k0, k8)}
+    results["ablation_k0"]["vs_after_stage2"] = comparison
 
 
 def _export(cfg: Config, workdir: Path, backbone: Any, last: Any, mesh: Any) -> list[str]:
@@ -156,28 +176,29 @@ def train(cfg: Config) -> dict[str, Any]:
         dump_yaml(cfg, workdir / "config.yaml")
     backbone = load_backbone(cfg, mesh)
     print(_summary(cfg, backbone, mesh), flush=True)
-    evaluate = _evaluator(cfg, mesh, held, backbone) if held is not None else None
-    results: dict[str, dict[str, float]] = {}
+    evaluate = _evaluator(mesh, held, backbone, workdir) if held is not None else None
+    results: dict[str, dict[str, Any]] = {}
     if evaluate:
-        results["before"] = evaluate(backbone.model)
+        results["before"] = evaluate(backbone.model, "before")
     pretrain = cfg.demo.pretrain if cfg.demo is not None else None
     if pretrain is not None:
         done = run_stage("stage2", backbone, cfg, mesh, workdir / PRETRAIN_DIR, pretrain, label="pretrain")
         backbone.model = done.model
         if evaluate:
-            results["pretrained"] = evaluate(done.model)
+            results["pretrained"] = evaluate(done.model, "pretrained")
     last = None
     for stage in cfg.stages:
         last = run_stage(stage, backbone, cfg, mesh, workdir / stage)
         backbone.model = last.model
         if evaluate:
-            results[f"after_{stage}"] = evaluate(last.model)
+            results[f"after_{stage}"] = evaluate(last.model, f"after_{stage}")
     if evaluate and cfg.demo.ablation and "stage2" in cfg.stages:
         # The same stage 2 from the same start, without hard negatives (plain in-batch InfoNCE).
         section = replace(cfg.stage2, loss=replace(cfg.stage2.loss, k=0, all_negatives=True))
         ablation_backbone = replace(backbone, model=stage_start("stage2", cfg, mesh, workdir))
         done = run_stage("stage2", ablation_backbone, cfg, mesh, workdir / "stage2_ablation_k0", section)
-        results["ablation_k0"] = evaluate(done.model)
+        results["ablation_k0"] = evaluate(done.model, "ablation_k0")
+        _compare_ablation(workdir, results)
     exported = (
         _export(cfg, workdir, backbone, last, mesh) if last is not None and jax.process_index() == 0 else []
     )

@@ -50,7 +50,8 @@ class TextFeaturizer:
     Overlong texts are shortened so that the whole prompt fits, keeping the template's own tokens:
     the embedding is read at the prompt's last token, so cutting the end of the prompt (e.g.
     "Summary above sentence in one word:") would change what is embedded. E5-V does the same
-    (truncate the sentence, decode it, then apply the template).
+    (truncate the sentence, decode it, then apply the template). A text without a template (raw
+    MMEB strings) is cut by the tokenizer itself, as VLM2Vec's collators do (``truncation=True``).
 
     Args:
       tokenizer: a HuggingFace tokenizer; its special tokens (BOS) are added, no EOS is appended
@@ -97,6 +98,9 @@ class TextFeaturizer:
         ids = self._prompt_ids(text)
         if len(ids) <= self.max_len:
             return ids, False
+        if self.template == _PLACEHOLDER:
+            # No template to keep: cut as the references' processors do (truncation=True, max_length).
+            return self.tokenizer(text, truncation=True, max_length=self.max_len)["input_ids"], True
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         keep = len(text_ids) - (len(ids) - self.max_len)
         # Decoding a token prefix and re-tokenizing inside the template can merge differently,

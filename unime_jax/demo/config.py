@@ -25,7 +25,9 @@ class DemoSection:
     ablation: bool = True  # also run stage 2 with k=0 (plain in-batch InfoNCE) and evaluate it
     # UniME tunes a pretrained MLLM; the demo's backbone is random, so it is first aligned on the
     # image-caption pairs with plain in-batch InfoNCE, a stand-in for that pretraining.
-    pretrain: Stage2Section | None = None  # alignment warm-up before stage 1: a stage-2 section, e.g. with loss.k 0
+    pretrain: Stage2Section | None = (
+        None  # alignment warm-up before stage 1: a stage-2 section, e.g. with loss.k 0
+    )
 
     def __post_init__(self) -> None:
         if self.train_scenes < 1 or self.eval_scenes < 1:

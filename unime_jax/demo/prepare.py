@@ -12,7 +12,7 @@ Layout under ``root`` (what :func:`prepare` returns paths into)::
 Stage 1 rows are (caption, paraphrase, twin caption): the positive says the same thing in other
 words ("B right of A" for "A left of B") and the hard negative changes one attribute or relation.
 Stage 2 follows MMEB's MSCOCO_i2t / MSCOCO_t2i instruction layout with the strings below, which
-:mod:`unime_jax.demo.evaluate` reuses so that evaluation embeds exactly what training saw.
+:mod:`unime_jax.demo.benchmark` reuses so that evaluation embeds exactly what training saw.
 
 Reruns are cheap: data files are reused when the manifest matches, and the teacher store (tied to
 the CSV bytes by its own manifest) is resumed or skipped by the project's teacher code.

@@ -1,8 +1,9 @@
 """Demo results: a text table, ``results.json`` and a PNG of the loss curves and held-out metrics.
 
 ``results`` maps a run (``before``, ``pretrained``, ``after_stage1``, ``after_stage2``,
-``ablation_k0``) to the
-metrics of :func:`unime_jax.demo.evaluate.evaluate`.
+``ablation_k0``) to the metrics of :func:`unime_jax.demo.benchmark.evaluate`: each a fraction with
+its 95% interval (``<metric>_ci95``), and the ``chance`` levels; ``ablation_k0`` may carry
+``vs_after_stage2``, the paired comparison with the k=8 run.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["METRICS", "RUNS", "load_losses", "plot", "results_table", "write_results"]
 
-METRICS = {"t2i_r1": "t2i R@1", "i2t_r1": "i2t R@1", "compositional_acc": "compositional acc"}
+METRICS = {
+    "t2i_r1": "t2i R@1",
+    "i2t_r1": "i2t R@1",
+    "compositional_acc": "twin acc",
+    "retrieval_t2i_r1": "t2i R@1, E5-V prompts",
+    "retrieval_i2t_r1": "i2t R@1, E5-V prompts",
+}
 RUNS = {
     "before": "before (random init)",
     "pretrained": "aligned backbone (warm-up)",
@@ -26,9 +33,7 @@ RUNS = {
     "after_stage2": "after stage 2",
     "ablation_k0": "stage 2 ablation, k=0",
 }
-_COMPOSITIONAL_CHANCE = 0.5  # true caption vs one twin
-
-Results = Mapping[str, Mapping[str, float]]
+Results = Mapping[str, Mapping[str, Any]]
 
 
 def _ordered(results: Results) -> list[str]:
@@ -39,22 +44,46 @@ def _ordered(results: Results) -> list[str]:
     return [r for r in RUNS if r in results] + [r for r in results if r not in RUNS]
 
 
-def _chance_r1(results: Results) -> float | None:
-    return next((m["chance_r1"] for m in results.values() if "chance_r1" in m), None)
+def _chance(results: Results) -> Mapping[str, float]:
+    return next((m["chance"] for m in results.values() if "chance" in m), {})
+
+
+def _cell(metrics: Mapping[str, Any], metric: str) -> str:
+    low_high = metrics.get(f"{metric}_ci95")
+    spread = f" ±{(low_high[1] - low_high[0]) / 2:.3f}" if low_high else ""
+    return f"{metrics[metric]:.3f}{spread}"
 
 
 def results_table(results: Results) -> str:
-    """A Markdown table, one row per run, with the chance levels underneath."""
+    """A Markdown table, one row per run (each value ± half its 95% interval), then the chance levels
+    and the k=8 / k=0 comparison when both ran."""
     label_width = max(len(RUNS.get(r, r)) for r in results) if results else 3
-    header = "| " + "run".ljust(label_width) + " | " + " | ".join(METRICS.values()) + " |"
-    rule = "|" + "-" * (label_width + 2) + "|" + "|".join("-" * (len(v) + 2) for v in METRICS.values()) + "|"
+    cells = {run: [_cell(results[run], m) for m in METRICS] for run in _ordered(results)}
+    widths = [
+        max(len(label), *(len(c[i]) for c in cells.values())) for i, label in enumerate(METRICS.values())
+    ]
+    header = (
+        "| "
+        + "run".ljust(label_width)
+        + " | "
+        + " | ".join(v.ljust(w) for v, w in zip(METRICS.values(), widths, strict=True))
+        + " |"
+    )
+    rule = "|" + "-" * (label_width + 2) + "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     lines = [header, rule]
-    for run in _ordered(results):
-        cells = [f"{results[run][m]:.3f}".rjust(len(label)) for m, label in METRICS.items()]
-        lines.append("| " + RUNS.get(run, run).ljust(label_width) + " | " + " | ".join(cells) + " |")
-    chance = _chance_r1(results)
-    r1 = "" if chance is None else f"R@1 {chance:.3f} (random ranking), "
-    lines.append(f"chance: {r1}compositional acc {_COMPOSITIONAL_CHANCE:.3f} (true caption vs its twin)")
+    for run, row in cells.items():
+        padded = " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+        lines.append("| " + RUNS.get(run, run).ljust(label_width) + " | " + padded + " |")
+    if chance := _chance(results):
+        levels = ", ".join(f"{METRICS[m]} {chance[m]:.3f}" for m in METRICS if m in chance)
+        lines.append(f"chance (a random ranking): {levels}")
+    comparison = results.get("ablation_k0", {}).get("vs_after_stage2")
+    if comparison:
+        parts = [
+            f"{METRICS[m]} {c['difference']:+.3f} (McNemar p={c['p_value']:.2f})"
+            for m, c in comparison.items()
+        ]
+        lines.append("k=0 minus k=8 on the same held-out rows: " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -113,11 +142,10 @@ def _bars(ax: Axes, results: Results) -> None:
     for i, run in enumerate(runs):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(METRICS))]
         ax.bar(xs, [results[run][m] for m in METRICS], width, label=RUNS.get(run, run))
-    chance = _chance_r1(results)
-    levels = [chance, chance, _COMPOSITIONAL_CHANCE]
-    for j, level in enumerate(levels):
-        if level is not None:
-            ax.hlines(level, j - 0.45, j + 0.45, colors="black", linestyles="dashed", linewidth=1)
-    ax.set_xticks(range(len(METRICS)), list(METRICS.values()))
+    chance = _chance(results)
+    for j, metric in enumerate(METRICS):
+        if metric in chance:
+            ax.hlines(chance[metric], j - 0.45, j + 0.45, colors="black", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(METRICS)), [label.replace(", ", "\n") for label in METRICS.values()])
     ax.set(ylim=(0, 1.05), title="held-out metrics (dashed: chance)")
     ax.legend(fontsize="small")

@@ -238,20 +238,24 @@ def _datasets(args: argparse.Namespace) -> list[str]:
     return [n for n in MMEB_DATASETS if n in present] + sorted(present - set(MMEB_DATASETS))
 
 
+def _run(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    from unime_jax.eval.runs import EvalRun
+
+    return EvalRun(
+        args.out, settings, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def _mmeb(args: argparse.Namespace) -> int:
-    from unime_jax.eval.mmeb import MmebRun, run_mmeb
+    import jax
+
+    from unime_jax.eval.mmeb import run_mmeb
     from unime_jax.eval.summary import write_summary
 
     datasets = _datasets(args)  # before loading the model: a typo fails in a second
     model, settings = _load(args, "mmeb")
-    run = MmebRun(
-        args.data, args.image_root or args.data, args.out, settings,
-        batch_size=args.batch_size, chunk_size=args.chunk_size,
-        keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
-    )  # fmt: skip
-    run_mmeb(model, run, datasets)
-    import jax
-
+    run_mmeb(model, _run(args, settings), args.data, args.image_root or args.data, datasets)
     if jax.process_index() == 0:
         write_summary(args.out, args.compare)
         print((args.out / "summary.md").read_text(encoding="utf-8"))
@@ -290,20 +294,13 @@ def _retrieval_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
 
 
 def _retrieval(args: argparse.Namespace) -> int:
-    from unime_jax.eval.retrieval_suite import RetrievalRun, run_retrieval, write_retrieval_summary
-    from unime_jax.eval.store import check_run_file
+    import jax
+
+    from unime_jax.eval.retrieval_suite import run_retrieval, write_retrieval_summary
 
     pairs, sugarcrepe = _retrieval_sets(args)
     model, settings = _load(args, "retrieval")
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_run_file(args.out, settings)
-    run = RetrievalRun(
-        args.out, settings, batch_size=args.batch_size, chunk_size=args.chunk_size,
-        keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
-    )  # fmt: skip
-    scores = run_retrieval(model, run, pairs, sugarcrepe)
-    import jax
-
+    scores = run_retrieval(model, _run(args, settings), pairs, sugarcrepe)
     if jax.process_index() == 0:
         write_retrieval_summary(args.out, scores, args.compare)
         print((args.out / "retrieval_summary.md").read_text(encoding="utf-8"))

@@ -4,7 +4,8 @@ own candidates by cosine, predict the argmax, report precision@1 per dataset.
 Per dataset, in ``out``:
 
 - ``<Dataset>_score.json``: ``{"acc", "num_correct", "num_pred"}`` (VLM2Vec's file), plus
-  ``num_rows`` (rows in the data) and ``num_skipped``; ``acc`` is over the ``num_pred`` scored rows.
+  ``num_rows`` (rows in the data), ``num_skipped`` and ``num_tied`` (rows whose top score was shared
+  by different items, decided by the tie rule); ``acc`` is over the ``num_pred`` scored rows.
 - ``<Dataset>_pred.jsonl``: one ``{"pred": <candidate index>}`` per row, in input order; a row
   that could not be scored has ``{"pred": null, "error": ...}``.
 - ``<Dataset>_skipped.jsonl``: the unscored rows with their file, row and reason (only if any).
@@ -15,17 +16,16 @@ A dataset whose score file exists is skipped, as VLM2Vec's ``eval.py`` does. ``r
 the model and settings; rerunning into the same ``out`` with other ones is refused.
 
 Ties: ``np.argmax`` takes the first maximum, so a candidate tied with the positive (index 0)
-counts as a hit, exactly as in VLM2Vec's ``get_pred``.
+counts as a hit, exactly as in VLM2Vec's ``get_pred``. A collapsed model (all embeddings equal)
+would therefore score 100%; ``num_tied`` shows it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +33,22 @@ import jax
 import numpy as np
 
 from unime_jax.embedder import UniME
-from unime_jax.eval.encoding import Entry, agree, encode_entries
+from unime_jax.eval.encoding import Entry
 from unime_jax.eval.mmeb_data import BadRow, Item, MmebDataset, read_dataset
-from unime_jax.eval.store import EmbeddingStore, atomic_write_text, check_run_file
-from unime_jax.eval.summary import SCORE_SUFFIX
+from unime_jax.eval.runs import EvalRun
+from unime_jax.eval.store import atomic_write_text
 
-__all__ = ["MmebRun", "predict", "run_mmeb"]
-
-
-@dataclass(frozen=True)
-class MmebRun:
-    """Where the data is and how to run; ``settings`` (model, prompt and image settings) goes into
-    ``run.json`` and every store's identity."""
-
-    data_root: Path
-    image_root: Path
-    out: Path
-    settings: dict[str, Any]
-    batch_size: int = 32
-    chunk_size: int = 1024
-    keep_embeddings: bool = False
-    progress: bool = True
+__all__ = ["predict", "run_mmeb"]
 
 
 def predict(
     dataset: MmebDataset, index: dict[Item, int], embeddings: np.ndarray, errors: Sequence[str]
-) -> tuple[dict[int, int], list[BadRow]]:
-    """Per scored row (by row index) the argmax candidate; rows with a failed item are returned unscored."""
+) -> tuple[dict[int, int], list[BadRow], int]:
+    """Per scored row (by row index) the argmax candidate; the rows with a failed item, unscored; and
+    how many rows had their top score tied between different items (the tie rule decided them)."""
     preds: dict[int, int] = {}
     skipped: list[BadRow] = []
+    tied = 0
     for row in dataset.rows:
         ids = [index[row.query], *(index[c] for c in row.candidates)]
         failed = [(position, errors[i]) for position, i in enumerate(ids) if errors[i]]
@@ -75,7 +62,8 @@ def predict(
         candidates = embeddings[ids[1:]].astype(np.float64)
         scores = candidates @ query / (np.linalg.norm(candidates, axis=1) * np.linalg.norm(query))
         preds[row.index] = int(np.argmax(scores))  # the first maximum, as VLM2Vec's get_pred
-    return preds, skipped
+        tied += len({ids[1 + i] for i in np.flatnonzero(scores == scores.max())}) > 1
+    return preds, skipped, tied
 
 
 def _items_digest(items: list[Item]) -> str:
@@ -83,7 +71,7 @@ def _items_digest(items: list[Item]) -> str:
 
 
 def _write_outputs(
-    run: MmebRun, dataset: MmebDataset, preds: dict[int, int], skipped: list[BadRow]
+    run: EvalRun, dataset: MmebDataset, preds: dict[int, int], skipped: list[BadRow], tied: int
 ) -> dict[str, Any]:
     unscored = {b.index: b for b in [*dataset.bad, *skipped]}
     lines = []
@@ -102,15 +90,14 @@ def _write_outputs(
             for b in sorted(unscored.values(), key=lambda b: b.index)
         ]
         atomic_write_text(run.out / f"{name}_skipped.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    score = {
+    return {
         "acc": correct / len(preds) if preds else None,
         "num_correct": int(correct),
         "num_pred": len(preds),
         "num_rows": dataset.num_rows,
         "num_skipped": len(unscored),
+        "num_tied": tied,
     }
-    atomic_write_text(run.out / f"{name}{SCORE_SUFFIX}", json.dumps(score, indent=4) + "\n")  # last: "done"
-    return score
 
 
 def _report(name: str, score: dict[str, Any], dataset: MmebDataset, skipped: list[BadRow]) -> None:
@@ -125,42 +112,35 @@ def _report(name: str, score: dict[str, Any], dataset: MmebDataset, skipped: lis
         )
 
 
-def evaluate_dataset(model: UniME, run: MmebRun, name: str) -> dict[str, Any] | None:
+def evaluate_dataset(
+    model: UniME, run: EvalRun, data_root: Path, image_root: Path, name: str
+) -> dict[str, Any] | None:
     """Score one dataset (or load its earlier score); None on processes other than 0."""
-    score_path = run.out / f"{name}{SCORE_SUFFIX}"
-    if agree(score_path.is_file()):
-        if jax.process_index() == 0:
-            print(f"{name}: scored earlier ({score_path}), skipping", file=sys.stderr)
-            return json.loads(score_path.read_text(encoding="utf-8"))
-        return None
-    dataset = read_dataset(run.data_root, name)
+    done, score = run.earlier_score(name)
+    if done:
+        return score
+    dataset = read_dataset(data_root, name)
     items = dataset.items()
-    identity = {**run.settings, "data_sha256": dataset.sha256, "items_sha256": _items_digest(items)}
-    cache = run.out / "cache" / name
-    store = EmbeddingStore(cache, identity, len(items), run.chunk_size)
-    entries = [
-        Entry(item.text or None, run.image_root / item.image if item.image else None) for item in items
-    ]
-    embeddings, errors = encode_entries(
-        model, entries, store, raw=True, batch_size=run.batch_size, desc=name, progress=run.progress
-    )
+    entries = [Entry(item.text or None, image_root / item.image if item.image else None) for item in items]
+    identity = {"data_sha256": dataset.sha256, "items_sha256": _items_digest(items)}
+    embeddings, errors = run.embed(model, name, entries, identity, raw=True)
     if jax.process_index() != 0:
         return None
-    preds, skipped = predict(dataset, {item: i for i, item in enumerate(items)}, embeddings, errors)
-    score = _write_outputs(run, dataset, preds, skipped)
+    preds, skipped, tied = predict(dataset, {item: i for i, item in enumerate(items)}, embeddings, errors)
+    score = _write_outputs(run, dataset, preds, skipped, tied)
+    run.finish(name, score)
     _report(name, score, dataset, skipped)
-    if not run.keep_embeddings:
-        shutil.rmtree(cache, ignore_errors=True)
     return score
 
 
-def run_mmeb(model: UniME, run: MmebRun, datasets: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Evaluate ``datasets`` in order; returns their scores (on process 0; empty elsewhere)."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    check_run_file(run.out, run.settings)
+def run_mmeb(
+    model: UniME, run: EvalRun, data_root: Path, image_root: Path, datasets: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``datasets`` (directories of ``data_root``) in order; their scores, on process 0."""
+    run.start()
     scores = {}
     for name in datasets:
-        score = evaluate_dataset(model, run, name)
+        score = evaluate_dataset(model, run, data_root, image_root, name)
         if score is not None:
             scores[name] = score
     return scores

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +30,13 @@ import numpy as np
 
 from unime_jax.embedder import UniME
 from unime_jax.eval import paper, retrieval
-from unime_jax.eval.encoding import Entry, agree, encode_entries
+from unime_jax.eval.encoding import Entry
 from unime_jax.eval.retrieval_data import SUGARCREPE_GROUPS, Pairs, SugarCrepeSubset
-from unime_jax.eval.store import EmbeddingStore, atomic_write_text
-from unime_jax.eval.summary import SCORE_SUFFIX
+from unime_jax.eval.runs import SCORE_SUFFIX, EvalRun
+from unime_jax.eval.store import atomic_write_text
 
 __all__ = [
     "KS",
-    "RetrievalRun",
     "pair_metrics",
     "read_retrieval_scores",
     "run_retrieval",
@@ -49,16 +46,6 @@ __all__ = [
 
 KS = (1, 5, 10)
 SUGARCREPE = "sugarcrepe"
-
-
-@dataclass(frozen=True)
-class RetrievalRun:
-    out: Path
-    settings: dict[str, Any]
-    batch_size: int = 32
-    chunk_size: int = 1024
-    keep_embeddings: bool = False
-    progress: bool = True
 
 
 def pair_metrics(
@@ -79,15 +66,10 @@ def sugarcrepe_accuracy(image_emb: np.ndarray, positive_emb: np.ndarray, negativ
 
 
 def _embed(
-    model: UniME, run: RetrievalRun, name: str, entries: list[Entry], keys: list[str]
+    run: EvalRun, model: UniME, name: str, entries: list[Entry], keys: list[str]
 ) -> tuple[np.ndarray, list[str]]:
-    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()
-    store = EmbeddingStore(
-        run.out / "cache" / name, {**run.settings, "items_sha256": digest}, len(entries), run.chunk_size
-    )
-    return encode_entries(
-        model, entries, store, raw=False, batch_size=run.batch_size, desc=name, progress=run.progress
-    )
+    identity = {"items_sha256": hashlib.sha256(json.dumps(keys).encode()).hexdigest()}
+    return run.embed(model, name, entries, identity, raw=False)
 
 
 def _unique_texts(texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -102,11 +84,15 @@ def _report(name: str, problems: list[str]) -> None:
         print(f"{name}: {len(problems)} item(s) left out; first: {problems[0]}", file=sys.stderr)
 
 
-def evaluate_pairs(model: UniME, run: RetrievalRun, pairs: Pairs) -> dict[str, Any] | None:
+def evaluate_pairs(model: UniME, run: EvalRun, pairs: Pairs) -> dict[str, Any] | None:
     texts, positions = _unique_texts(pairs.captions)
     entries = [Entry(None, image) for image in pairs.images] + [Entry(t, None) for t in texts]
-    keys = [f"image:{n}" for n in pairs.image_names] + [f"text:{t}" for t in texts]
-    embeddings, errors = _embed(model, run, pairs.name, entries, keys)
+    # What each item is: the file for an image on disk, else where it was read from.
+    images = [
+        str(i) if isinstance(i, Path) else n for i, n in zip(pairs.images, pairs.image_names, strict=True)
+    ]
+    keys = [f"image:{i}" for i in images] + [f"text:{t}" for t in texts]
+    embeddings, errors = _embed(run, model, pairs.name, entries, keys)
     if jax.process_index() != 0:
         return None
     n = len(pairs.images)
@@ -130,7 +116,7 @@ def evaluate_pairs(model: UniME, run: RetrievalRun, pairs: Pairs) -> dict[str, A
 
 
 def evaluate_sugarcrepe(
-    model: UniME, run: RetrievalRun, subsets: Sequence[SugarCrepeSubset]
+    model: UniME, run: EvalRun, subsets: Sequence[SugarCrepeSubset]
 ) -> dict[str, Any] | None:
     score: dict[str, Any] = {}
     problems: list[str] = []
@@ -139,7 +125,7 @@ def evaluate_sugarcrepe(
         n = len(subset.images)
         entries = [Entry(None, image) for image in subset.images] + [Entry(t, None) for t in texts]
         keys = [f"image:{i}" for i in subset.images] + [f"text:{t}" for t in texts]
-        embeddings, errors = _embed(model, run, f"{SUGARCREPE}_{subset.name}", entries, keys)
+        embeddings, errors = _embed(run, model, f"{SUGARCREPE}_{subset.name}", entries, keys)
         if jax.process_index() != 0:
             continue
         pos, neg = positions[:n], positions[n:]
@@ -160,30 +146,23 @@ def evaluate_sugarcrepe(
 
 
 def run_retrieval(
-    model: UniME, run: RetrievalRun, pair_sets: Sequence[Pairs], sugarcrepe: Sequence[SugarCrepeSubset] = ()
+    model: UniME, run: EvalRun, pair_sets: Sequence[Pairs], sugarcrepe: Sequence[SugarCrepeSubset] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate each pairs set and SugarCrepe (skipping those scored earlier); scores by name."""
+    """Evaluate each pairs set and SugarCrepe (skipping those scored earlier); scores by name, on process 0."""
+    run.start()
     scores = {}
-    jobs: list[tuple[str, Any]] = [(p.name, p) for p in pair_sets] + (
-        [(SUGARCREPE, sugarcrepe)] if sugarcrepe else []
-    )
-    for name, data in jobs:
-        path = run.out / f"{name}{SCORE_SUFFIX}"
-        if agree(path.is_file()):
-            if jax.process_index() == 0:
-                print(f"{name}: scored earlier ({path}), skipping", file=sys.stderr)
-                scores[name] = json.loads(path.read_text(encoding="utf-8"))
-            continue
-        score = (
-            evaluate_sugarcrepe(model, run, data) if name == SUGARCREPE else evaluate_pairs(model, run, data)
-        )
-        if score is None:
-            continue
-        atomic_write_text(path, json.dumps(score, indent=4) + "\n")
-        if not run.keep_embeddings:
-            for cache in (run.out / "cache").glob(f"{name}*"):
-                shutil.rmtree(cache, ignore_errors=True)
-        scores[name] = score
+    for pairs in pair_sets:
+        done, score = run.earlier_score(pairs.name)
+        if not done and (score := evaluate_pairs(model, run, pairs)) is not None:
+            run.finish(pairs.name, score)
+        if score is not None:
+            scores[pairs.name] = score
+    if sugarcrepe:
+        done, score = run.earlier_score(SUGARCREPE)
+        if not done and (score := evaluate_sugarcrepe(model, run, sugarcrepe)) is not None:
+            run.finish(SUGARCREPE, score, [f"{SUGARCREPE}_{s.name}" for s in sugarcrepe])
+        if score is not None:
+            scores[SUGARCREPE] = score
     return scores
 
 

@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-__all__ = [
-    "RUN_FILE",
-    "EmbeddingStore",
-    "StoreMismatch",
-    "atomic_write_text",
-    "check_run_file",
-    "first_difference",
-]
+__all__ = ["EmbeddingStore", "StoreMismatch", "atomic_write_text", "first_difference"]
 
 _MANIFEST = "manifest.json"
-RUN_FILE = "run.json"  # an evaluation directory's model and settings
 
 
 class StoreMismatch(ValueError):
@@ -42,7 +34,7 @@ class StoreMismatch(ValueError):
 
 def _partial(path: Path) -> Path:
     # Per process: several hosts may write the same (identical) file into a shared directory.
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -135,20 +127,3 @@ class EmbeddingStore:
         with partial.open("wb") as handle:
             np.savez(handle, embeddings=embeddings.astype(np.float32), errors=np.asarray(errors, dtype=str))
         os.replace(partial, path)
-
-
-def check_run_file(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse an ``out`` written with other settings (naming the first differing key); record them."""
-    path = out / RUN_FILE
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreMismatch(f"{path} is unreadable ({e}); delete it or use a new --out") from e
-        if difference := first_difference(stored, settings):
-            raise StoreMismatch(
-                f"{path}: {difference}; this directory holds results of another setup: use a new --out "
-                "(or delete the old results)"
-            )
-    if jax.process_index() == 0:
-        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")

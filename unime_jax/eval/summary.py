@@ -23,11 +23,11 @@ from typing import Any
 
 from unime_jax.eval import paper
 from unime_jax.eval.mmeb_tasks import META_TASKS, MMEB_DATASETS
+from unime_jax.eval.runs import SCORE_SUFFIX
 from unime_jax.eval.store import atomic_write_text
 
-__all__ = ["SCORE_SUFFIX", "read_scores", "summarize", "summary_markdown", "write_summary"]
+__all__ = ["read_scores", "summarize", "summary_markdown", "write_summary"]
 
-SCORE_SUFFIX = "_score.json"
 AGGREGATES = ("overall_36", "overall_meta_mean", "ind", "ood", *META_TASKS)
 _LABELS = {
     "overall_36": "Overall (mean of datasets, standard)",
@@ -123,6 +123,10 @@ def summary_markdown(
         if compare:
             row += f" {_cell(per_dataset.get(name))} |"
         lines.append(row)
+    tied = {n: s["num_tied"] for n, s in scores.items() if s.get("num_tied")}
+    if tied:
+        counts = ", ".join(f"{n} {k}" for n, k in tied.items())
+        lines += ["", f"Rows decided by a tie between different candidates (counted as hits): {counts}."]
     missing = [n for n in MMEB_DATASETS if n not in summary["per_dataset"]]
     if missing and summary["datasets"]:
         lines += ["", f"Not present ({len(missing)}): {', '.join(missing)}."]
