@@ -45,7 +45,9 @@ def test_raw_texts_are_cut_like_the_tokenizers_own_truncation(tokenizer) -> None
     """No template (MMEB's raw strings): the ids are what VLM2Vec's processor call gives."""
     text = "<|image_1|>\nFind a Wikipedia image that answers this question: " + "why is the sky blue " * 20
     ids, truncated = TextFeaturizer(tokenizer, 40).encode(text)
-    assert truncated and ids == tokenizer(text, truncation=True, max_length=40)["input_ids"] and len(ids) == 40
+    assert (
+        truncated and ids == tokenizer(text, truncation=True, max_length=40)["input_ids"] and len(ids) == 40
+    )
     assert TextFeaturizer(tokenizer, 400).encode(text) == (tokenizer(text)["input_ids"], False)
 
 

@@ -160,7 +160,7 @@ def test_the_held_out_benchmark_is_in_the_mmeb_and_pairs_formats(tmp_path) -> No
         assert len(i2t.rows[i].candidates) == 1 + len(set(ids)) - 1
         assert twin.rows[i].candidates == (Item(held.captions[i], ""), Item(held.twin_captions[i], ""))
     assert all(c.text == IMAGE_TARGET for c in t2i.rows[0].candidates)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / path[3])), held.images[3])
+    assert np.array_equal(np.asarray(Image.open(bench.mmeb_root / path[3])), held.images[3])
     pairs = read_pairs_jsonl(bench.pairs)
     assert len(pairs.images) == len(set(ids)) and pairs.captions[0] == held.captions[0]
     assert bench.chance["compositional_acc"] == 0.5 and bench.chance["retrieval_t2i_r1"] == 1 / len(set(ids))
@@ -175,7 +175,9 @@ class _OracleEmbedder:
 
     def __init__(self, held: shapes.ShapesData, root: Path) -> None:
         self.meaning = {held.captions[i]: int(c) for i, c in enumerate(held.caption_ids)}
-        self.meaning |= {str(root / f"images/{i:06d}.png"): int(c) for i, c in enumerate(held.caption_ids)}
+        self.meaning |= {
+            str(root / f"mmeb/images/{i:06d}.png"): int(c) for i, c in enumerate(held.caption_ids)
+        }
         self.dim = int(held.caption_ids.max()) + 2  # the last one: every twin
 
     def encode(self, texts, images=None, *, raw=None, batch_size=32, progress=None) -> np.ndarray:

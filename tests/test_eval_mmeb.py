@@ -368,12 +368,19 @@ def test_a_v2_dataset_outside_the_36_is_refused(tmp_path):
         read_dataset(tmp_path, "MyTask")
 
 
-def test_image_files_are_resolved_against_the_image_root(hf_dir, tmp_path):
+def test_image_files_are_resolved_against_the_image_root(hf_dir, tmp_path, capsys):
     images = tmp_path / "images_elsewhere"
     paths = write_images(images, 3)
     rows = [{"qry_text": "<|image_1|>\nIdentify the object shown in the image\n", "qry_img_path": paths[0],
              "tgt_text": ["dog", "cat"], "tgt_img_path": ["", ""]}]  # fmt: skip
     write_parquet(tmp_path / "data", "VOC2007", rows)
     assert Image.open(images / paths[0]).size
+    # Without --image-root nothing can be scored: an error that says where images were looked for.
+    assert _mmeb(hf_dir, tmp_path / "data", tmp_path / "wrong") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("error: no row of VOC2007 could be scored")
+        and f"--image-root {tmp_path / 'data'}" in err
+    )
     assert _mmeb(hf_dir, tmp_path / "data", tmp_path / "out", "--image-root", str(images)) == 0
     assert json.loads((tmp_path / "out" / "VOC2007_score.json").read_text())["num_pred"] == 1

@@ -230,12 +230,17 @@ class UniME:
             raise FileNotFoundError(
                 f"{path} is neither a unime-jax checkpoint ({MODEL_FILE}) nor an HF model directory (config.json)"
             )
-        from transformers import AutoTokenizer
+        import transformers
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{path}: no usable tokenizer files beside the model: {e}") from e
+        except (AttributeError, KeyError, TypeError) as e:  # e.g. files written by another major version
+            raise ValueError(
+                f"{path}: transformers {transformers.__version__} cannot read these tokenizer files "
+                f"({type(e).__name__}: {e}); were they saved by another transformers version?"
+            ) from e
         return cls(
             loaded.model,
             loaded.spec.model_type,

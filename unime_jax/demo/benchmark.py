@@ -2,10 +2,10 @@
 
 Layout under ``root`` (written once per held-out set, reused while it matches)::
 
-    images/000000.png ...                 the held-out scenes
     mmeb/ShapesT2I/test-00000-of-00001.parquet   caption query -> image candidates
     mmeb/ShapesI2T/test-00000-of-00001.parquet   image query -> caption candidates
     mmeb/ShapesTwin/test-00000-of-00001.parquet  image query -> [its caption, its one-change twin]
+    mmeb/images/000000.png ...            the held-out scenes (paths relative to mmeb/, as MMEB-eval's)
     pairs.jsonl                           {"image", "captions"}: one scene per distinct caption
 
 The MMEB datasets use the strings stage 2 trains on (ShapesI2T/ShapesT2I's instructions), each row's
@@ -95,18 +95,18 @@ def _chance(datasets: dict[str, list[dict[str, Any]]], pairs: int) -> dict[str, 
 def write_benchmark(root: Path, held: HeldOut) -> Benchmark:
     """Write (or reuse) the held-out benchmark under ``root``; returns where it is and its chance levels."""
     root = Path(root)
-    paths = [f"images/{i:06d}.png" for i in range(len(held.captions))]
+    paths = [f"images/{i:06d}.png" for i in range(len(held.captions))]  # relative to mmeb/
     datasets = _rows(held, paths)
     ids = held.caption_ids.tolist()
     distinct = sorted({c: i for i, c in reversed(list(enumerate(ids)))}.values())  # first scene per content
-    pairs = [json.dumps({"image": paths[i], "captions": [held.captions[i]]}) for i in distinct]
+    pairs = [json.dumps({"image": f"mmeb/{paths[i]}", "captions": [held.captions[i]]}) for i in distinct]
     digest = hashlib.sha256(json.dumps([datasets, pairs]).encode() + held.images.tobytes()).hexdigest()
     manifest = root / _MANIFEST
     if not (manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")).get("sha256") == digest):
         manifest.unlink(missing_ok=True)  # first out, last in: a run that dies midway rewrites it all
-        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "mmeb" / "images").mkdir(parents=True, exist_ok=True)
         for path, pixels in zip(paths, held.images, strict=True):
-            Image.fromarray(pixels).save(root / path)
+            Image.fromarray(pixels).save(root / "mmeb" / path)
         for name, rows in datasets.items():
             (root / "mmeb" / name).mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows), root / "mmeb" / name / _PARQUET)
@@ -137,7 +137,7 @@ def evaluate(embedder: Any, bench: Benchmark, out: Path, label: str, batch_size:
     settings = {"benchmark": "demo", "model": label, "benchmark_root": str(bench.root)}
     mmeb_out, retrieval_out = Path(out) / "mmeb", Path(out) / "retrieval"
     run = EvalRun(mmeb_out, settings, batch_size=batch_size, progress=False)
-    scores = run_mmeb(embedder, run, bench.mmeb_root, bench.root, DATASETS)
+    scores = run_mmeb(embedder, run, bench.mmeb_root, bench.mmeb_root, DATASETS)
     write_summary(mmeb_out)
     pairs = read_pairs_jsonl(bench.pairs, name="pairs")
     retrieval = run_retrieval(

@@ -255,10 +255,19 @@ def _mmeb(args: argparse.Namespace) -> int:
 
     datasets = _datasets(args)  # before loading the model: a typo fails in a second
     model, settings = _load(args, "mmeb")
-    run_mmeb(model, _run(args, settings), args.data, args.image_root or args.data, datasets)
-    if jax.process_index() == 0:
-        write_summary(args.out, args.compare)
-        print((args.out / "summary.md").read_text(encoding="utf-8"))
+    image_root = args.image_root or args.data
+    scores = run_mmeb(model, _run(args, settings), args.data, image_root, datasets)
+    if jax.process_index() != 0:
+        return 0
+    write_summary(args.out, args.compare)
+    print((args.out / "summary.md").read_text(encoding="utf-8"))
+    if empty := [name for name, score in scores.items() if not score["num_pred"]]:
+        print(
+            f"error: no row of {', '.join(empty)} could be scored (reasons in <Dataset>_skipped.jsonl); "
+            f"images are looked up under --image-root {image_root}: is that where images.zip was unzipped?",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
