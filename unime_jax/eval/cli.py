@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from unime_jax.data.errors import DataError
+from unime_jax.eval.paper import MMEB, RETRIEVAL
 
 MMEB_EPILOG = """\
 data:
@@ -74,6 +75,8 @@ are cached in OUT/cache/ while they are computed, so a killed run resumes.
 exit status: 0 done, 1 bad data or model, 2 usage error.
 """
 
+COMPARE_HELP = "a published row to print beside the results: " + ", ".join(dict.fromkeys([*MMEB, *RETRIEVAL]))
+
 # The official MMEB commands' text budgets (UniME's README through VLM2Vec's eval.py), by prompt style.
 MMEB_MAX_LEN = {"phi3_v": 256, "llava_next": 4096}
 
@@ -111,7 +114,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="items per cached chunk of embeddings (default 1024)",
     )
     parser.add_argument("--keep-embeddings", action="store_true", help="keep OUT/cache/ after scoring")
-    parser.add_argument("--compare", help="a published row to print beside the results, e.g. unime-llava16")
+    parser.add_argument("--compare", help=COMPARE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     multi = parser.add_argument_group("multi-host (jax.distributed; SLURM/Open MPI/TPU are auto-detected)")
     multi.add_argument("--coordinator-address", help="host:port of process 0")
@@ -159,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "<name>_score.json files, e.g. after runs split across machines.",
     )  # fmt: skip
     summarize.add_argument("out", type=Path, help="directory holding <name>_score.json files")
-    summarize.add_argument(
-        "--compare", help="a published row to print beside the results, e.g. unime-llava16"
-    )
+    summarize.add_argument("--compare", help=COMPARE_HELP)
     return parser
 
 
@@ -324,14 +325,12 @@ def _summarize(args: argparse.Namespace) -> int:
         raise DataError(f"{args.out} is not a directory")
     printed = False
     if read_scores(args.out):
-        write_summary(args.out, args.compare if args.compare in _mmeb_rows() else None)
+        write_summary(args.out, args.compare if args.compare in MMEB else None)
         print((args.out / "summary.md").read_text(encoding="utf-8"))
         printed = True
     retrieval = read_retrieval_scores(args.out)
     if retrieval:
-        write_retrieval_summary(
-            args.out, retrieval, args.compare if args.compare in _retrieval_rows() else None
-        )
+        write_retrieval_summary(args.out, retrieval, args.compare if args.compare in RETRIEVAL else None)
         print((args.out / "retrieval_summary.md").read_text(encoding="utf-8"))
         printed = True
     if not printed:
@@ -339,23 +338,13 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mmeb_rows() -> list[str]:
-    from unime_jax.eval.paper import MMEB
-
-    return list(MMEB)
-
-
-def _retrieval_rows() -> list[str]:
-    from unime_jax.eval.paper import RETRIEVAL
-
-    return list(RETRIEVAL)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.compare and args.compare not in {*_mmeb_rows(), *_retrieval_rows()}:
-        parser.error(f"--compare {args.compare}: no published row; known: {', '.join(_mmeb_rows())}")
+    if args.compare and args.compare not in {*MMEB, *RETRIEVAL}:
+        parser.error(
+            f"--compare {args.compare}: no published row; known: {', '.join(dict.fromkeys([*MMEB, *RETRIEVAL]))}"
+        )
     commands = {"mmeb": _mmeb, "retrieval": _retrieval, "summarize": _summarize}
     try:
         return commands[args.command](args)
