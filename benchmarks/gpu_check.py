@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --tiny --out /tmp/r.json    # the same code path, tiny, on CPU
 
 For Mistral-7B and Phi-3.5-mini configs with random bf16 weights, it builds the transformers
-model on the device, converts its state dict in memory with `convert.load_from_source`, and
+model on the device, converts its state dict in memory with `unime_jax.conversion.to_jax.load_from_source`, and
 compares final-norm hidden states over real tokens of a right-padded batch (relative Frobenius
 error). Phi-3.5-mini is also checked past original_max_position_embeddings (longrope's long
 factors). It then times encoding (forward + last-token pooling) in both frameworks, in the same
@@ -28,8 +28,8 @@ import torch
 import transformers
 from flax import nnx
 
-from convert.safetensors_io import ArrayDict
-from convert.to_jax import load_from_source
+from unime_jax.conversion.safetensors_io import ArrayDict
+from unime_jax.conversion.to_jax import load_from_source
 from unime_jax.models import pooling
 from unime_jax.sharding import make_mesh
 

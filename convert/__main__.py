@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers without loading JAX.
-    from convert.to_hf import export_checkpoint
-    from convert.to_jax import convert_hf_dir
+    from unime_jax.conversion.to_hf import export_checkpoint
+    from unime_jax.conversion.to_jax import convert_hf_dir
 
     try:
         if args.command == "to-jax":

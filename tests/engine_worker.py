@@ -35,7 +35,7 @@ def main() -> None:
     import grain
     from test_trainer import stage2_batch
 
-    from convert import load_hf_model
+    from unime_jax.conversion import load_hf_model
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed, loop
     from unime_jax.training.checkpoints import Checkpoints

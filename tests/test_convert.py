@@ -15,9 +15,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from convert import ConversionError, load_hf_model
 from convert.__main__ import main
-from convert.safetensors_io import INDEX_FILE
+from unime_jax.conversion import ConversionError, load_hf_model
+from unime_jax.conversion.safetensors_io import INDEX_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,8 +171,8 @@ def test_help_runs_without_jax():
 
 def test_in_memory_state_dict_converts_like_the_files(tmp_path):
     """`load_from_source` takes a live PyTorch state dict (no disk) and builds the same model."""
-    from convert.safetensors_io import ArrayDict
-    from convert.to_jax import load_from_source
+    from unime_jax.conversion.safetensors_io import ArrayDict
+    from unime_jax.conversion.to_jax import load_from_source
 
     src = hf_models.phi3(tmp_path / "phi3")
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(src)

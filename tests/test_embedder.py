@@ -17,8 +17,8 @@ from PIL import Image
 from test_phi3_v import RefModel, _reference_config, reference_clip  # noqa: F401
 from test_prompts import IMAGE_TOKEN, PINPOINTS, TILE, llava_tokenizer, phi_tokenizer, reference_phi3v_ids
 
-from convert import convert_hf_dir
 from unime_jax import UniME
+from unime_jax.conversion import convert_hf_dir
 from unime_jax.embedder import InputError
 from unime_jax.processing import Phi3VImageProcessor
 from unime_jax.sharding import make_mesh

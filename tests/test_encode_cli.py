@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_embedder import SIZES, TOL, Reference, random_image, write_tiny_llava
 
-from convert import convert_hf_dir
+from unime_jax.conversion import convert_hf_dir
 from unime_jax.encode import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from test_convert import _assert_bit_identical, _tensors
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from convert import load_hf_model
 from convert.__main__ import main
+from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import read_model_config
 from unime_jax.models.clip import CLIPVisionConfig
 from unime_jax.models.decoder import DecoderConfig

@@ -17,9 +17,9 @@ from flax import nnx
 from peft import PeftModel
 from safetensors import safe_open
 
-from convert import export_hf, load_hf_model
-from convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft
-from convert.to_jax import read_hf_config
+from unime_jax.conversion import export_hf, load_hf_model
+from unime_jax.conversion.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft
+from unime_jax.conversion.to_jax import read_hf_config
 from unime_jax.models import lora
 from unime_jax.models.lora import LoRAConfig
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import load_hf_model
+from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model
 
 TOL = 1e-4

@@ -27,8 +27,8 @@ from vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.modeling_phi3_v import 
     Phi3VForCausalLM as RefModel,
 )
 
-from convert import load_hf_model
 from convert.__main__ import main
+from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model
 from unime_jax.models.clip import CLIPVisionConfig
 from unime_jax.models.decoder import DecoderConfig

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from convert import load_hf_model
+from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model
 from unime_jax.sharding import logical_to_spec, make_mesh
 

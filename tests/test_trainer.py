@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert import load_hf_model
+from unime_jax.conversion import load_hf_model
 from unime_jax.sharding import global_batch, make_mesh
 from unime_jax.training.gradcache import direct_value_and_grad, gradcache_value_and_grad
 from unime_jax.training.optimizer import OptimizerConfig

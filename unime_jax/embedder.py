@@ -223,7 +223,7 @@ class UniME:
         if (path / MODEL_FILE).is_file():
             loaded = load_model(path, mesh, **runtime)
         elif (path / "config.json").is_file():
-            from convert import load_hf_model  # the converter is only needed for HF directories
+            from unime_jax.conversion import load_hf_model  # the converter is only needed for HF directories
 
             loaded = load_hf_model(path, mesh, progress=progress, **runtime)
         else:

@@ -125,8 +125,8 @@ def _compare_ablation(workdir: Path, results: dict[str, dict[str, Any]]) -> None
 
 def _export(cfg: Config, workdir: Path, backbone: Any, last: Any, mesh: Any) -> list[str]:
     """Merged HF directory, plus the last stage's LoRA as a PEFT adapter over its base weights."""
-    from convert.peft import export_peft
-    from convert.to_hf import export_hf
+    from unime_jax.conversion.peft import export_peft
+    from unime_jax.conversion.to_hf import export_hf
     from unime_jax.training.run import stage_start
 
     written = []

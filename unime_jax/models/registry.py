@@ -161,7 +161,7 @@ def phi3_v_from_hf(hf: dict) -> Phi3VConfig:
         text=decoder_from_hf({**hf, "model_type": "phi3"}),
         vision=clip_from_hf(img.get("vision_config", {})),
         feature_layer=int(img.get("layer_idx", -2)),
-        num_crops=int(hf.get("num_crops", 4)),  # from preprocessor_config.json (convert.to_jax)
+        num_crops=int(hf.get("num_crops", 4)),  # from preprocessor_config.json (conversion.to_jax)
     )
     derived = {"image_dim_out": cfg.vision.hidden_size, "num_img_tokens": cfg.merged_side**2}
     if any(img.get(k, v) != v for k, v in derived.items()):

@@ -62,7 +62,7 @@ def load_backbone(cfg: Config, mesh: Mesh) -> Backbone:
         if (path / "unime_model.yaml").is_file():
             loaded, hf_config = load_model(path, mesh, **runtime_fields(cfg)), None
         else:
-            from convert.to_jax import load_hf_model, read_hf_config
+            from unime_jax.conversion.to_jax import load_hf_model, read_hf_config
 
             loaded, hf_config = load_hf_model(path, mesh, **runtime_fields(cfg)), read_hf_config(path)
         model, spec, arch = loaded.model, loaded.spec, loaded.config

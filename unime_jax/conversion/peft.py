@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert.mapping import hf_key, to_hf_array
-from convert.safetensors_io import write_shard
+from unime_jax.conversion.mapping import hf_key, to_hf_array
+from unime_jax.conversion.safetensors_io import write_shard
 from unime_jax.models.lora import LoRAConfig, lora_modules
 from unime_jax.models.registry import ModelSpec
 

@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.mapping import hf_key, to_hf_array
-from convert.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
+from unime_jax.conversion.mapping import hf_key, to_hf_array
+from unime_jax.conversion.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
 from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
 from unime_jax.models.registry import ModelSpec
 

@@ -12,8 +12,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from convert.mapping import from_hf_array, plan
-from convert.safetensors_io import SafetensorsDir, TensorSource
+from unime_jax.conversion.mapping import from_hf_array, plan
+from unime_jax.conversion.safetensors_io import SafetensorsDir, TensorSource
 from unime_jax.model_io import LoadedModel, abstract_model, save_model, variables
 from unime_jax.models.registry import spec_for, with_runtime
 from unime_jax.sharding import make_mesh, state_shardings
