@@ -231,7 +231,8 @@ def w1_train_step(ref, loaded, tiny: bool, device: str) -> dict:
     rows (tau 0.02) against 4096-d teacher rows; AdamW. Dropout 0 in both frameworks."""
     from peft import LoraConfig, get_peft_model
 
-    from unime_jax.models.lora import LoRAConfig, apply_lora, lora_targets, param_counts
+    from unime_jax.backbones.decoder_hf import lm_targets
+    from unime_jax.models.lora import LoRAConfig, apply_lora, param_counts
     from unime_jax.sharding import global_batch
     from unime_jax.training.metrics import lm_flops_per_token
     from unime_jax.training.optimizer import OptimizerConfig
@@ -275,7 +276,7 @@ def w1_train_step(ref, loaded, tiny: bool, device: str) -> dict:
         torch.cuda.empty_cache()
 
     # JAX: the project's Trainer on the same weights.
-    cfg = LoRAConfig(rank=32, alpha=16.0, dropout=0.0, targets=lora_targets("phi3"))
+    cfg = LoRAConfig(rank=32, alpha=16.0, dropout=0.0, targets=lm_targets("phi3"))
     from flax import nnx as _nnx
 
     apply_lora(loaded.model, cfg, _nnx.Rngs(0))
@@ -328,7 +329,7 @@ def llava_config(tiny: bool) -> transformers.LlavaNextConfig:
 
 def llava_batch(cfg, rows: list[tuple[tuple[int, int], int]], seed: int) -> dict[str, np.ndarray]:
     """Right-padded LLaVA-NeXT inputs: each row = (image size, text tokens), BOS, image tokens, text."""
-    from unime_jax.processing.images_llava import LlavaNextImageProcessor
+    from unime_jax.backbones.llava_next.images import LlavaNextImageProcessor
 
     vision = cfg.vision_config
     proc = LlavaNextImageProcessor(
@@ -481,7 +482,8 @@ def w2_train_step(ref, loaded, queries: dict, t_q: dict, text: int, tiny: bool, 
     negatives and their first losses must agree; the filter's cost is negligible either way."""
     from peft import LoraConfig, get_peft_model
 
-    from unime_jax.models.lora import LoRAConfig, apply_lora, lora_targets, param_counts
+    from unime_jax.backbones.decoder_hf import lm_targets
+    from unime_jax.models.lora import LoRAConfig, apply_lora, param_counts
     from unime_jax.sharding import global_batch
     from unime_jax.training.metrics import lm_flops_per_token
     from unime_jax.training.optimizer import OptimizerConfig
@@ -532,7 +534,7 @@ def w2_train_step(ref, loaded, queries: dict, t_q: dict, text: int, tiny: bool, 
         torch.cuda.empty_cache()
 
     cfg = LoRAConfig(
-        rank=16, alpha=64.0, dropout=0.0, targets=lora_targets("mistral", prefix="language_model.")
+        rank=16, alpha=64.0, dropout=0.0, targets=lm_targets("mistral", prefix="language_model.")
     )
     apply_lora(loaded.model, cfg, nnx.Rngs(0))
     trainable, total = param_counts(loaded.model)

@@ -33,7 +33,7 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "float32")
     sys.path.insert(0, str(Path(__file__).parent))
     import grain
-    from test_trainer import stage2_batch
+    from helpers.batches import stage2_batch
 
     from unime_jax.conversion import load_hf_model
     from unime_jax.sharding import make_mesh
@@ -41,8 +41,9 @@ def main() -> None:
     from unime_jax.training.checkpoints import Checkpoints
     from unime_jax.training.metrics import MetricsWriter
     from unime_jax.training.optimizer import OptimizerConfig
+    from unime_jax.training.sections import StageSection
     from unime_jax.training.tasks import Stage2Config, Stage2Task
-    from unime_jax.training.trainer import Trainer, TrainerConfig
+    from unime_jax.training.trainer import Trainer
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     rows, pid, nproc = 16, jax.process_index(), jax.process_count()
@@ -55,32 +56,17 @@ def main() -> None:
     iterator = iter(grain.MapDataset.range(10_000).map(local_rows).to_iter_dataset())
     mesh = make_mesh(data=-1)
     model = load_hf_model(args.hf_dir, mesh, progress=False).model
-    trainer = Trainer(
-        model,
-        Stage2Task(Stage2Config(k=4)),
-        OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
-        total_steps=args.steps,
-        mesh=mesh,
-        cfg=TrainerConfig(grad_chunks=args.chunks),
+    stage = StageSection(
+        grad_chunks=args.chunks, save_every=1, optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2)
     )
+    trainer = Trainer(model, Stage2Task(Stage2Config(k=4)), stage, total_steps=args.steps, mesh=mesh)
     state = trainer.init_state(seed=0)
-    ckpts = Checkpoints(Path(args.workdir) / "checkpoints", keep=2)
     identity = {"model": "tiny-mistral", "task": "stage2"}
+    ckpts = Checkpoints(Path(args.workdir) / "checkpoints", identity, {"steps": args.steps}, keep=2)
     if ckpts.latest_step() is not None:
-        state = ckpts.restore(ckpts.latest_step(), state, identity, iterator)
-    total = args.stop_after or args.steps
-    state, history = loop.run(
-        trainer,
-        state,
-        iterator,
-        loop.LoopConfig(total_steps=total, save_every=1),
-        mesh,
-        MetricsWriter(Path(args.workdir)),
-        checkpoints=ckpts,
-        identity=identity,
-        config={"steps": args.steps},
-        data_iterator=iterator,
-    )
+        state = ckpts.restore(ckpts.latest_step(), state, iterator)
+    writer = MetricsWriter(Path(args.workdir))
+    state, history = loop.run(trainer, state, iterator, writer, checkpoints=ckpts, stop_at=args.stop_after)
     ckpts.close()
     if jax.process_index() == 0:
         losses = [h["loss"] for h in history]

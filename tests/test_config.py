@@ -7,21 +7,27 @@ from typing import Any, Literal
 
 import pytest
 
+from unime_jax import config
 from unime_jax.config import (
-    Config,
     ConfigError,
-    MeshSection,
-    ModelSection,
     add_config_args,
     apply_overrides,
-    config_from_args,
     describe,
     dump_yaml,
     from_dict,
-    load_config,
     load_yaml_tree,
     to_dict,
 )
+from unime_jax.runs.schema import Config, MeshSection, ModelSection
+
+
+def load_config(path, overrides=(), cls=Config):
+    """The generic loader with the run schema as the default dataclass (what the train CLI loads)."""
+    return config.load_config(path, overrides, cls)
+
+
+def config_from_args(args):
+    return config.config_from_args(args, Config)
 
 # --- small dataclasses exercising every supported field type ---------------------------------
 

@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hf_models
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
+from helpers import hf_models
+from helpers.tensors import assert_bit_identical, tensors
 from safetensors.numpy import load_file, save_file
 
 from convert.__main__ import main
@@ -22,20 +22,8 @@ from unime_jax.conversion.safetensors_io import INDEX_FILE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tensors(hf_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(file, framework="numpy") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return out
 
 
-def _assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert a[key].shape == b[key].shape, key
-        assert a[key].tobytes() == b[key].tobytes(), key
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "phi3", "clip_vision"])
@@ -44,7 +32,7 @@ def test_cli_round_trip_is_bit_exact(tmp_path, family):
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     assert main(["to-jax", "--hf-dir", str(src), "--out", str(ckpt), "--no-progress"]) == 0
     assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(back), "--no-progress"]) == 0
-    _assert_bit_identical(_tensors(src), _tensors(back))
+    assert_bit_identical(tensors(src), tensors(back))
     assert (
         json.loads((back / "config.json").read_text())["model_type"]
         == json.loads((src / "config.json").read_text())["model_type"]
@@ -66,7 +54,7 @@ def test_sharded_input_and_output(tmp_path):
     )
     index = json.loads((back / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
-    _assert_bit_identical(_tensors(src), _tensors(back))
+    assert_bit_identical(tensors(src), tensors(back))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(back)
     original = transformers.AutoModelForCausalLM.from_pretrained(src)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -82,7 +70,7 @@ def test_bfloat16_conversion_and_export(tmp_path):
         == 0
     )
     assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(back), "--no-progress"]) == 0
-    original, exported = _tensors(src), _tensors(back)
+    original, exported = tensors(src), tensors(back)
     assert {str(t.dtype) for t in exported.values()} == {"bfloat16"}
     for key, value in original.items():
         np.testing.assert_array_equal(exported[key], value.astype(exported[key].dtype))

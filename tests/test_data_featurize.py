@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers.tokenizers import LLAVA_TEMPLATE, mistral_tokenizer
 
-from unime_jax.data.featurize import TRUNCATED, TextFeaturizer
-
-LLAVA_TEMPLATE = "[INST] {text}\nSummary above sentence in one word: [/INST]"
-
-
-def mistral_tokenizer():
-    """The real Mistral-7B sentencepiece model, as shipped inside the mistral-common wheel."""
-    mistral_common = pytest.importorskip("mistral_common")
-    from transformers import LlamaTokenizerFast
-
-    vocab = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    return LlamaTokenizerFast(vocab_file=str(vocab), legacy=False)
+from unime_jax.processing.text import TRUNCATED, TextFeaturizer
 
 
 @pytest.fixture(scope="module")

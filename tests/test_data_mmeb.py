@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.tokenizers import mistral_tokenizer
 from PIL import Image
-from test_data_featurize import mistral_tokenizer
 
 from unime_jax.data.config import DataSection, LoaderSection, MmebSection
 from unime_jax.data.errors import DataError
-from unime_jax.data.featurize import TextFeaturizer
 from unime_jax.data.pipeline import stage2_pipeline
+from unime_jax.processing.text import TextFeaturizer
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

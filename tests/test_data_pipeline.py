@@ -10,8 +10,8 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_data_featurize import LLAVA_TEMPLATE, mistral_tokenizer
-from test_data_nli import triplets, write_nli_csv, write_store
+from helpers.nli import triplets, write_nli_csv, write_store
+from helpers.tokenizers import LLAVA_TEMPLATE, mistral_tokenizer
 
 from unime_jax.data.config import DataSection, LoaderSection, NliSection, TextSection
 from unime_jax.data.errors import DataError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_nli import triplets, write_nli_csv
+from helpers.nli import triplets, write_nli_csv
 
 from unime_jax.data import teacher_store
 from unime_jax.data.nli import NliSource

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.tiny_configs import llava_config
+from helpers.tokenizers import llava_tokenizer
 from PIL import Image
-from test_prompts import llava_config, llava_tokenizer
 
+from unime_jax.backbones import spec_for
 from unime_jax.config import ConfigError, from_dict
 from unime_jax.data.images import load_image
 from unime_jax.data.mmeb import MmebSource, TextImage
@@ -25,7 +27,6 @@ from unime_jax.embedder import UniME
 from unime_jax.eval.mmeb_data import Item, read_dataset
 from unime_jax.eval.retrieval_data import read_pairs_jsonl
 from unime_jax.model_io import init_model
-from unime_jax.models.registry import spec_for
 from unime_jax.sharding import make_mesh
 
 DEMO = DemoSection(train_scenes=64, eval_scenes=32, image_size=56)

@@ -5,25 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hf_models
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image
+from helpers.llava import SIZES, TOL, Reference, random_image, write_tiny_llava
 
 # reference_clip is a fixture, imported to be used here.
-from test_phi3_v import RefModel, _reference_config, reference_clip  # noqa: F401
-from test_prompts import IMAGE_TOKEN, PINPOINTS, TILE, llava_tokenizer, phi_tokenizer, reference_phi3v_ids
+from helpers.phi3_v_reference import RefModel, reference_clip, reference_config  # noqa: F401
+from helpers.reference import reference_phi3v_ids
+from helpers.tokenizers import llava_tokenizer, phi_tokenizer
 
 from unime_jax import UniME
+from unime_jax.backbones.phi3_v.images import Phi3VImageProcessor
 from unime_jax.conversion import convert_hf_dir
 from unime_jax.embedder import InputError
-from unime_jax.processing import Phi3VImageProcessor
 from unime_jax.sharding import make_mesh
 
-TOL = 1e-4
 TEXT = "[INST] {}\nSummary above sentence in one word: [/INST]"
 IMAGE = "[INST] <image>\nSummary above image in one word: [/INST]"
 VQA = "<|image_1|>\nRepresent the given image with the following question: {text}\n"
@@ -34,57 +33,13 @@ TEXTS = [
     "Two people sit on a bench in a park while pigeons gather around their feet.",
     "Snow.",
 ]
-SIZES = [(30, 40), (28, 28), (90, 20), (61, 57)]  # (height, width): 2×2 grid, 1×2, 3×1, 2×2 uncut
 QUESTIONS = ["What animal is this?", "Is it raining?", "How many people are there in the picture?"]
 
 
-def write_tiny_llava(out: Path, seed: int = 0) -> Path:
-    """A random tiny LLaVA-NeXT (Mistral LM with llava-hf's vocab) saved with its processor and tokenizer."""
-    hf_models.llava_next(
-        out,
-        seed,
-        image_size=TILE,
-        pinpoints=PINPOINTS,
-        image_token_index=IMAGE_TOKEN,
-        vocab_size=32064,
-        text_hidden=32,
-        vision_layers=2,
-        max_positions=512,
-    )
-    image_processor = transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": TILE},
-        crop_size={"height": TILE, "width": TILE},
-        image_grid_pinpoints=[list(p) for p in PINPOINTS],
-    )
-    transformers.LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=llava_tokenizer(),
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    ).save_pretrained(out)
-    return out
 
 
-def random_image(size: tuple[int, int], seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
-class Reference:
-    """transformers' LlavaNextForConditionalGeneration fed by its own LlavaNextProcessor."""
-
-    def __init__(self, path: Path) -> None:
-        self.model = transformers.LlavaNextForConditionalGeneration.from_pretrained(
-            path, attn_implementation="eager"
-        ).eval()
-        self.processor = transformers.LlavaNextProcessor.from_pretrained(path)
-
-    def embed(self, prompt: str, image: Image.Image | None = None) -> np.ndarray:
-        """Final-norm hidden state of the last token, L2-normalised (UniME's embedding)."""
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
-        with torch.no_grad():
-            hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
-        return torch.nn.functional.normalize(hidden, dim=-1).numpy()
 
 
 def max_error(ours: np.ndarray, expected: list[np.ndarray]) -> float:
@@ -235,7 +190,7 @@ PHI_IMAGE = "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|a
 @pytest.fixture(scope="module")
 def phi3_v(tmp_path_factory, reference_clip):  # noqa: F811
     """(HF directory with the Phi tokenizer, VLM2Vec reference model)."""
-    cfg = _reference_config()
+    cfg = reference_config()
     cfg.vocab_size = 32064  # room for the Mistral sentencepiece plus Phi's chat tokens
     torch.manual_seed(0)
     ref = RefModel(cfg).eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embedder import SIZES, TOL, Reference, random_image, write_tiny_llava
+from helpers.llava import SIZES, TOL, Reference, random_image, write_tiny_llava
 
 from unime_jax.conversion import convert_hf_dir
 from unime_jax.encode import main

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hf_models
 import numpy as np
 import pytest
+from helpers import hf_models
 
 WORKER = Path(__file__).with_name("engine_worker.py")
 REPO = Path(__file__).resolve().parents[1]

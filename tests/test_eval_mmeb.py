@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fixtures import (
+from helpers.eval_fixtures import (
     IMAGE_TARGET,
     read_preds,
     reference_predictions,
@@ -22,9 +22,9 @@ from eval_fixtures import (
     write_mmeb_v1,
     write_parquet,
 )
+from helpers.llava import Reference, write_tiny_llava
+from helpers.reference import PARSERS_SCRIPT, run_reference_json
 from PIL import Image
-from reference_runner import PARSERS_SCRIPT, run_reference_json
-from test_embedder import Reference, write_tiny_llava
 
 from unime_jax.eval.cli import main
 from unime_jax.eval.mmeb import predict
@@ -156,9 +156,9 @@ def test_usage_errors_are_one_line(hf_dir, data, tmp_path, capsys):
 
 
 def test_num_crops_is_a_phi3_v_setting():
-    from test_prompts import llava_config, phi3_v_config
+    from helpers.tiny_configs import llava_config, phi3_v_config
 
-    from unime_jax.models.registry import with_runtime
+    from unime_jax.backbones import with_runtime
 
     assert with_runtime(phi3_v_config(), num_crops=16).max_crops == 17
     with pytest.raises(ValueError, match="LlavaNextConfig has no setting num_crops"):

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from eval_fixtures import write_images
+from helpers.eval_fixtures import write_images
+from helpers.llava import write_tiny_llava
 from PIL import Image
-from test_embedder import write_tiny_llava
 
 from unime_jax import UniME
 from unime_jax.eval import retrieval_data

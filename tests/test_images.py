@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.reference import run_reference
 from PIL import Image
-from reference_runner import run_reference
 
-from unime_jax.processing import ImageBatch, LlavaNextImageProcessor, Phi3VImageProcessor, process_batch
-from unime_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
-from unime_jax.processing.images_llava import (
+from unime_jax.backbones.llava_next.images import (
     LLAVA_V16_PINPOINTS,
+    LlavaNextImageProcessor,
     select_best_resolution,
     unpad_shape,
 )
-from unime_jax.processing.images_phi3v import hd_transform, resize_bicubic_like_torch
+from unime_jax.backbones.phi3_v.images import Phi3VImageProcessor, hd_transform, resize_bicubic_like_torch
+from unime_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -396,18 +396,3 @@ def test_invalid_inputs_are_rejected():
         LlavaNextImageProcessor(image_grid_pinpoints=((336, 700),))
 
 
-@pytest.mark.parametrize(
-    "processor", [Phi3VImageProcessor(), LlavaNextImageProcessor()], ids=["phi3v", "llava"]
-)
-def test_process_batch_pads_to_static_shapes(processor):
-    images = [_gradient_image(336, 336), _random_image(50, 30), _gradient_image(301, 997)]
-    batch = process_batch(processor, images)
-    assert isinstance(batch, ImageBatch)
-    assert batch.pixel_values.shape == (3, processor.max_crops, 3, 336, 336)
-    for row, image in enumerate(images):
-        single = processor(image)
-        count = single.pixel_values.shape[0]
-        np.testing.assert_array_equal(batch.pixel_values[row, :count], single.pixel_values)
-        assert not batch.pixel_values[row, count:].any()
-        assert tuple(batch.image_sizes[row]) == single.image_size
-        assert batch.num_tokens[row] == single.num_tokens

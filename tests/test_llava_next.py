@@ -7,7 +7,6 @@ import json
 import types
 from pathlib import Path
 
-import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,25 +14,23 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import hf_models
+from helpers.tensors import assert_bit_identical, tensors
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from safetensors.numpy import save_file
-from test_convert import _assert_bit_identical, _tensors
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from convert.__main__ import main
+from unime_jax.backbones import UnsupportedModelError, with_runtime
+from unime_jax.backbones.llava_next import LLAVA_V16_PINPOINTS
+from unime_jax.backbones.llava_next.hf_config import llava_next_from_hf, llava_next_to_hf
 from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import read_model_config
 from unime_jax.models.clip import CLIPVisionConfig
 from unime_jax.models.decoder import DecoderConfig
-from unime_jax.models.llava_next import LLAVA_V16_PINPOINTS, LlavaNextConfig, anyres_layout, unpadded_grid
-from unime_jax.models.registry import (
-    UnsupportedModelError,
-    llava_next_from_hf,
-    llava_next_to_hf,
-    with_runtime,
-)
+from unime_jax.models.llava_next import LlavaNextConfig, anyres_layout, unpadded_grid
 from unime_jax.sharding import make_mesh
 
 TOL = 1e-4
@@ -232,7 +229,14 @@ def _llava_v16_config(**overrides) -> LlavaNextConfig:
         num_key_value_heads=2,
         head_dim=16,
     )
-    return LlavaNextConfig(text=text, vision=CLIPVisionConfig(), **overrides)
+    return LlavaNextConfig(
+        **{
+            "text": text,
+            "vision": CLIPVisionConfig(),
+            "image_grid_pinpoints": LLAVA_V16_PINPOINTS,
+            **overrides,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -278,7 +282,7 @@ def test_cli_round_trip_is_bit_exact(llava, tmp_path):
     assert main(["to-jax", "--hf-dir", str(src), "--out", str(ckpt), "--no-progress"]) == 0
     assert read_model_config(ckpt)[1] == loaded.config
     assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(back), "--no-progress"]) == 0
-    _assert_bit_identical(_tensors(src), _tensors(back))
+    assert_bit_identical(tensors(src), tensors(back))
     _, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(back, output_loading_info=True)
     assert all(not keys for keys in info.values()), info
 
@@ -313,9 +317,9 @@ def _hub_to_state_dict(key: str) -> str:
 def test_other_key_layouts_load_the_same_parameters(llava, tmp_path, rename):
     src, _, loaded = llava
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    tensors = _tensors(src)
-    renamed = {rename(k): v for k, v in tensors.items()}
-    assert len(renamed) == len(tensors) and renamed.keys() != tensors.keys()
+    stored = tensors(src)
+    renamed = {rename(k): v for k, v in stored.items()}
+    assert len(renamed) == len(stored) and renamed.keys() != stored.keys()
     save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     other = load_hf_model(tmp_path, progress=False)
     expected = nnx.to_flat_state(nnx.state(loaded.model))

@@ -7,21 +7,28 @@ import re
 import warnings
 from pathlib import Path
 
-import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import hf_models
 from peft import PeftModel
 from safetensors import safe_open
 
+from unime_jax.backbones import spec_for
+from unime_jax.backbones.decoder_hf import lm_targets
+from unime_jax.config import load_config
 from unime_jax.conversion import export_hf, load_hf_model
 from unime_jax.conversion.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft
 from unime_jax.conversion.to_jax import read_hf_config
 from unime_jax.models import lora
 from unime_jax.models.lora import LoRAConfig
+from unime_jax.runs.schema import Config
+from unime_jax.runs.stages import Backbone, lora_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAMILIES = ("llama", "mistral", "phi3")
 SEPARATE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -74,9 +81,18 @@ def _randomize(model: nnx.Module, seed: int = 0, std: float = 0.05) -> None:
     nnx.update(model, jax.tree.unflatten(treedef, values))
 
 
+def _recipe(stage: int, loaded) -> LoRAConfig:
+    """The paper's stage adapters as a run builds them: the YAML recipe on the backbone's projections."""
+    section = getattr(
+        load_config(REPO / "configs" / f"stage{stage}_common.yaml", (), Config), f"stage{stage}"
+    )
+    backbone = Backbone(loaded.model, loaded.spec, loaded.config, tokenizer=None, hf_config=None)
+    return lora_config(f"stage{stage}", section, backbone)
+
+
 def _lora_model(hf_dirs, family: str, *, dropout: float = 0.0, **runtime) -> tuple:
     loaded = load_hf_model(hf_dirs[family], progress=False, **runtime)
-    cfg = LoRAConfig(rank=4, alpha=8.0, dropout=dropout, targets=lora.lora_targets(family))
+    cfg = LoRAConfig(rank=4, alpha=8.0, dropout=dropout, targets=lm_targets(family))
     lora.apply_lora(loaded.model, cfg, nnx.Rngs(0))
     _randomize(loaded.model)
     return loaded, cfg
@@ -92,9 +108,11 @@ def _paths(state: nnx.State) -> set[str]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_presets_adapt_the_expected_projections(hf_dirs, family):
-    model = load_hf_model(hf_dirs[family], progress=False).model
+    loaded = load_hf_model(hf_dirs[family], progress=False)
+    model = loaded.model
     base_paths = _paths(nnx.state(model))
-    cfg = lora.unime_lora(family, 1)
+    cfg = _recipe(1, loaded)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (32, 16.0, 0.05)
     adapted = lora.apply_lora(model, cfg, nnx.Rngs(0))
 
     expected = {f"model.layers.{i}.{m}" for i in range(LAYERS) for m in MODULES[family]}
@@ -120,16 +138,26 @@ def test_unmatched_regex_is_an_error_naming_it(hf_dirs):
 
 
 def test_prefix_and_vision_targets():
-    lm_only = re.compile(lora.lora_targets("mistral", prefix="language_model."))
-    both = re.compile(lora.lora_targets("mistral", prefix="language_model.", vision=True))
-    lm = "language_model.model.layers.31.mlp.gate_proj"
-    towers = [
-        "vision_tower.vision_model.encoder.layers.0.self_attn.out_proj",
-        "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.23.self_attn.q_proj",
-    ]
-    assert lm_only.fullmatch(lm) and both.fullmatch(lm)
-    assert not lm_only.fullmatch("model.layers.0.mlp.gate_proj")  # prefix is required
-    assert all(both.fullmatch(t) and not lm_only.fullmatch(t) for t in towers)
+    from helpers.tiny_configs import llava_config, phi3_v_config
+
+    lm = {
+        "llava_next": "language_model.model.layers.31.mlp.gate_proj",
+        "phi3_v": "model.layers.3.mlp.gate_up_proj",
+    }
+    towers = {
+        "llava_next": "vision_tower.vision_model.encoder.layers.0.self_attn.out_proj",
+        "phi3_v": "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.23.self_attn.q_proj",
+    }
+    for model_type, cfg in (("llava_next", llava_config()), ("phi3_v", phi3_v_config())):
+        spec = spec_for(model_type)
+        lm_only = re.compile(spec.lora_targets(cfg))
+        both = re.compile(spec.lora_targets(cfg, vision=True))
+        assert lm_only.fullmatch(lm[model_type]) and both.fullmatch(lm[model_type])
+        assert both.fullmatch(towers[model_type]) and not lm_only.fullmatch(towers[model_type])
+    assert not re.fullmatch(
+        spec_for("llava_next").lora_targets(llava_config()), "model.layers.0.mlp.gate_proj"
+    )
+    both = re.compile(spec_for("llava_next").lora_targets(llava_config(), vision=True))
     for never in ("vision_tower.vision_model.encoder.layers.0.mlp.fc1", "language_model.lm_head"):
         assert not both.fullmatch(never)
 
@@ -145,7 +173,8 @@ def test_zero_init_is_identity_and_merge_matches(hf_dirs, family):
     base_out = _forward(model)
     base_graph, base_state = nnx.split(load_hf_model(hf_dirs[family], progress=False).model)
 
-    cfg = lora.unime_lora(family, 2)  # dropout 0.1: eval mode must ignore it
+    cfg = _recipe(2, loaded)  # dropout 0.1: eval mode must ignore it
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (16, 64.0, 0.1)
     lora.apply_lora(model, cfg, nnx.Rngs(1))
     np.testing.assert_array_equal(_infer(model), base_out)
 
@@ -161,8 +190,9 @@ def test_zero_init_is_identity_and_merge_matches(hf_dirs, family):
 
 
 def test_bf16_base_keeps_its_dtype_with_fp32_adapters(hf_dirs):
-    model = load_hf_model(hf_dirs["phi3"], progress=False, param_dtype="bfloat16", dtype="bfloat16").model
-    lora.apply_lora(model, lora.unime_lora("phi3", 1), nnx.Rngs(0))
+    loaded = load_hf_model(hf_dirs["phi3"], progress=False, param_dtype="bfloat16", dtype="bfloat16")
+    model = loaded.model
+    lora.apply_lora(model, _recipe(1, loaded), nnx.Rngs(0))
     kinds = {type(v).__name__: v.get_value().dtype for _, v in nnx.state(model, nnx.Param).flat_state()}
     assert kinds == {"Param": jnp.bfloat16, "LoRAParam": jnp.float32}
     assert _infer(model).dtype == np.float32 and model(jnp.asarray(IDS)).dtype == jnp.bfloat16

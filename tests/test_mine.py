@@ -19,7 +19,8 @@ import yaml
 from PIL import Image
 
 from unime_jax import mine
-from unime_jax.config import Config, ConfigError, from_dict, load_config
+from unime_jax.config import ConfigError, from_dict
+from unime_jax.config import load_config as _load_config
 from unime_jax.data.errors import DataError
 from unime_jax.data.mmeb import MmebSource
 from unime_jax.data.negatives import (
@@ -32,9 +33,10 @@ from unime_jax.data.negatives import (
 )
 from unime_jax.embedder import UniME
 from unime_jax.model_io import save_model
+from unime_jax.runs.schema import Config
+from unime_jax.runs.stages import _pipeline, load_backbone, run_stage
 from unime_jax.sharding import make_mesh
 from unime_jax.training.checkpoints import CheckpointMismatchError
-from unime_jax.training.run import _pipeline, load_backbone, run_stage
 from unime_jax.training.sections import NegativesSection
 from unime_jax.training.tasks import Stage2Config, Stage2Task
 
@@ -147,7 +149,7 @@ def world(tmp_path_factory, mesh) -> dict:
     root = write_mmeb(tmp / "mmeb")
     config = tmp / "run.yaml"
     config.write_text(yaml.safe_dump(config_tree(root)))
-    cfg = load_config(config)
+    cfg = _load_config(config, (), Config)
     backbone = load_backbone(cfg, mesh)
     model_dir = tmp / "model"
     save_model(model_dir, backbone.model, backbone.model_type, backbone.config)

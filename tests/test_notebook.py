@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fixtures import write_images, write_mmeb_v1
-from test_embedder import write_tiny_llava
+from helpers.eval_fixtures import write_images, write_mmeb_v1
+from helpers.llava import write_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "demo.ipynb"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import hf_models
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import hf_models
 
 from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model

@@ -15,33 +15,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
+from helpers.phi3_v_reference import (  # noqa: F401
+    BOS,
+    CLIP_OVERRIDES,
+    PAD,
+    VOCAB,
+    RefModel,
+    reference_clip,
+    reference_config,
+)
+from helpers.tensors import assert_bit_identical, tensors
 from safetensors.numpy import load_file, save_file
-from test_convert import _assert_bit_identical, _tensors
-from vlm2vec_for_pyserini.model.baseline_backbone.phi3_v import image_embedding_phi3_v
 from vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.configuration_phi3_v import (
     Phi3VConfig as RefConfig,
 )
-from vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.modeling_phi3_v import (
-    Phi3VForCausalLM as RefModel,
-)
 
 from convert.__main__ import main
+from unime_jax.backbones import SPECS, with_runtime
 from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model
 from unime_jax.models.clip import CLIPVisionConfig
 from unime_jax.models.decoder import DecoderConfig
 from unime_jax.models.phi3_v import Phi3VConfig
-from unime_jax.models.registry import SPECS, with_runtime
 from unime_jax.sharding import make_mesh
 
 TOL = 1e-4
-VOCAB, PAD, BOS = 500, 0, 1
 NUM_CROPS, CROP = 4, 336
-# Only these CLIP fields are free in the reference; they go into config.json as our
-# `img_processor.vision_config` so that conversion builds the same tower.
-CLIP_OVERRIDES = {"num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 4}
 Grid = tuple[int, int] | None  # (h_crops, w_crops); None = text-only row
 
 
@@ -50,63 +50,15 @@ def processor_token_count(h: int, w: int) -> int:
     return (h * w + 1) * 144 + 1 + (h + 1) * 12
 
 
-def _reference_config() -> RefConfig:
-    head_dim = 16
-    gen = torch.Generator().manual_seed(1)
-    return RefConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=131072,
-        original_max_position_embeddings=4096,
-        rope_scaling={
-            "type": "su",
-            "short_factor": (1.0 + torch.rand(head_dim // 2, generator=gen)).tolist(),
-            "long_factor": (1.0 + 4 * torch.rand(head_dim // 2, generator=gen)).tolist(),
-        },
-        sliding_window=262144,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=2,
-        embd_layer={
-            "embedding_cls": "image",
-            "hd_transform_order": "sub_glb",
-            "projection_cls": "mlp",
-            "use_hd_transform": True,
-            "with_learnable_separator": True,
-        },
-        img_processor={
-            "image_dim_out": 1024,
-            "model_name": "openai/clip-vit-large-patch14-336",
-            "name": "clip_vision_model",
-            "num_img_tokens": 144,
-            "vision_config": CLIP_OVERRIDES,
-        },
-        _attn_implementation="eager",
-    )
+
+
 
 
 @pytest.fixture(scope="module")
-def reference_clip():
-    """Makes the reference build a shallow CLIP-L/14-336 while the module's tests run.
-
-    `Phi3ImageEmbedding` reads the module constant `CLIP_VIT_LARGE_PATCH14_336_CONFIG`; it is swapped
-    for a copy with CLIP_OVERRIDES. The reference's code and math are untouched.
-    """
-    full = image_embedding_phi3_v.CLIP_VIT_LARGE_PATCH14_336_CONFIG
-    tiny = transformers.CLIPVisionConfig(**{**full.to_dict(), **CLIP_OVERRIDES})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(image_embedding_phi3_v, "CLIP_VIT_LARGE_PATCH14_336_CONFIG", tiny)
-        yield
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, reference_clip):
+def reference(tmp_path_factory, reference_clip):  # noqa: F811
     """(HF directory, reference model); the directory holds what save_pretrained writes."""
     torch.manual_seed(0)
-    ref = RefModel(_reference_config()).eval()
+    ref = RefModel(reference_config()).eval()
     embedding = ref.model.vision_embed_tokens
     with torch.no_grad():  # HF initialises the separators to zero; random ones make misplacement visible
         embedding.glb_GN.normal_()
@@ -298,7 +250,7 @@ def test_cli_round_trip_is_bit_exact(reference, tmp_path):
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     assert main(["to-jax", "--hf-dir", str(src), "--out", str(ckpt), "--no-progress"]) == 0
     assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(back), "--no-progress"]) == 0
-    _assert_bit_identical(_tensors(src), _tensors(back))
+    assert_bit_identical(tensors(src), tensors(back))
     assert json.loads((back / "config.json").read_text())["model_type"] == "phi3_v"
     _, info = RefModel.from_pretrained(back, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info

@@ -3,61 +3,24 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
+from helpers.reference import reference_phi3v_ids
+from helpers.tiny_configs import PINPOINTS, TILE, llava_config, phi3_v_config
+from helpers.tokenizers import IMAGE_TOKEN, llava_tokenizer, mistral_tokenizer, phi_tokenizer
 from PIL import Image
-from reference_runner import run_reference
-from test_data_featurize import mistral_tokenizer
 
-from unime_jax.data.featurize import TRUNCATED
-from unime_jax.models.clip import CLIPVisionConfig
+from unime_jax.backbones import llava_next, phi3_v, spec_for
+from unime_jax.backbones.llava_next.images import LlavaNextImageProcessor
+from unime_jax.backbones.llava_next.inputs import llava_next_ids
+from unime_jax.backbones.phi3_v.inputs import phi3_v_ids
 from unime_jax.models.decoder import DecoderConfig
-from unime_jax.models.llava_next import LlavaNextConfig
-from unime_jax.models.phi3_v import Phi3VConfig
-from unime_jax.processing import BackboneFeaturizer, LlavaNextImageProcessor, PromptFormat
-from unime_jax.processing.prompts import bucket_length, length_buckets, llava_next_ids, phi3_v_ids
+from unime_jax.processing.prompts import PromptFormat, bucket_length, length_buckets
+from unime_jax.processing.text import TRUNCATED
 
-TILE = 28  # tiny CLIP tiles: 7-pixel patches, so 4×4 features per LLaVA tile and 2×2 merged per Phi crop
-PINPOINTS = ((28, 56), (56, 28), (56, 56), (84, 28), (28, 84))  # llava-hf's, scaled by 28/336
-IMAGE_TOKEN = 32000  # <image> in llava-hf tokenizers; the id added to the Mistral tokenizer below
-PHI_SPECIALS = ["<|user|>", "<|end|>", "<|assistant|>"]
-VISION = CLIPVisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    image_size=TILE,
-    patch_size=7,
-)
-
-
-def llava_tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """The real Mistral-7B tokenizer with llava-hf's added `<image>` (id 32000)."""
-    tokenizer = mistral_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
-    return tokenizer
-
-
-def phi_tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """A Llama sentencepiece tokenizer with Phi-3's chat tokens (Phi-3.5-V's is of this kind)."""
-    tokenizer = mistral_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": PHI_SPECIALS})
-    return tokenizer
-
-
-def llava_config() -> LlavaNextConfig:
-    text = DecoderConfig("mistral", 32064, 32, 64, 1, 4, 2, 8)
-    return LlavaNextConfig(
-        text=text, vision=VISION, image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS
-    )
-
-
-def phi3_v_config() -> Phi3VConfig:
-    return Phi3VConfig(text=DecoderConfig("phi3", 32064, 32, 64, 1, 4, 4, 8), vision=VISION, num_crops=4)
+TEMPLATES = {"phi3_v": phi3_v.TEMPLATES, "llava_next": llava_next.TEMPLATES}
 
 
 def _image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -71,7 +34,7 @@ def _image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 def test_template_strings_are_unimes():
-    phi, llava = PromptFormat("phi3_v"), PromptFormat("llava_next")
+    phi, llava = PromptFormat(TEMPLATES["phi3_v"]), PromptFormat(TEMPLATES["llava_next"])
     assert (
         phi.text_prompt("A dog runs.")
         == "<|user|>\nA dog runs.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n"
@@ -145,12 +108,12 @@ VQA = "<|image_1|>\nRepresent the given image with the following question: {text
     ],
 )
 def test_instructions(style, instruction, text, image, expected):
-    prompt = PromptFormat(style, instruction=instruction)
+    prompt = PromptFormat(TEMPLATES[style], instruction=instruction)
     assert (prompt.image_prompt(text) if image else prompt.text_prompt(text)) == expected
 
 
 def test_raw_prompts():
-    phi, llava = PromptFormat("phi3_v", raw=True), PromptFormat("llava_next", raw=True)
+    phi, llava = PromptFormat(TEMPLATES["phi3_v"], raw=True), PromptFormat(TEMPLATES["llava_next"], raw=True)
     assert phi.text_prompt("exactly  this\n") == "exactly  this\n"
     assert (
         llava.image_prompt("<|image_1|>\nRepresent the given image.") == "<image>\nRepresent the given image."
@@ -160,7 +123,7 @@ def test_raw_prompts():
     with pytest.raises(ValueError, match="once per image"):
         llava.image_prompt("<image> and <|image_1|>")
     with pytest.raises(ValueError, match="cannot be combined"):
-        PromptFormat("phi3_v", raw=True, instruction="x")
+        PromptFormat(TEMPLATES["phi3_v"], raw=True, instruction="x")
 
 
 def test_length_buckets():
@@ -187,17 +150,6 @@ PHI3V_ID_CASES = [
 ]
 
 
-def reference_phi3v_ids(cases: list[tuple[str, list[int]]], directory: Path) -> list[list[int]]:
-    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs` ids for (prompt, image token counts)
-    cases, run unmodified (real torchvision) in the reference interpreter with `phi_tokenizer()`."""
-    phi_tokenizer().save_pretrained(directory / "tokenizer")
-    spec = {
-        "id_cases": {"tokenizer": str(directory / "tokenizer"), "cases": [[p, list(n)] for p, n in cases]}
-    }
-    arrays = run_reference(spec, directory)
-    return [arrays[f"ids_{index}"].tolist() for index in range(len(cases))]
-
-
 @pytest.fixture(scope="module")
 def phi3v_reference_ids(tmp_path_factory) -> list[list[int]]:
     return reference_phi3v_ids(PHI3V_ID_CASES, tmp_path_factory.mktemp("phi3v_ids"))
@@ -213,7 +165,7 @@ def test_phi3_v_id_layout():
     """BOS opens every chunk, also right after the image; the image is -1 repeated; mask covers it."""
     tokenizer = phi_tokenizer()
     bos = tokenizer.bos_token_id
-    prompt = PromptFormat("phi3_v").image_prompt(None)
+    prompt = PromptFormat(TEMPLATES["phi3_v"]).image_prompt(None)
     ids = phi3_v_ids(tokenizer, prompt, [29])
     first = ids.index(-1)
     assert ids[0] == bos and ids[first - 1] != bos  # "<|user|>\n" before the image
@@ -289,12 +241,12 @@ def _shapes(out: dict[str, np.ndarray]) -> dict[str, tuple]:
 
 def test_llava_featurizer_has_fixed_shapes():
     cfg = llava_config()
-    featurizer = BackboneFeaturizer.for_model("llava_next", cfg, llava_tokenizer(), max_len=24)
+    featurizer = spec_for("llava_next").featurizer(cfg, llava_tokenizer(), max_len=24)
     assert featurizer.seq_len == 24 + cfg.max_image_tokens == 24 + 88
     text = featurizer("A dog runs.")
-    image_only = BackboneFeaturizer.for_model(
-        "llava_next", cfg, llava_tokenizer(), max_len=24, prompt=PromptFormat("llava_next", raw=True)
-    )("<|image_1|>\nRepresent the given image.", _image(30, 40))
+    image_only = spec_for("llava_next").featurizer(cfg, llava_tokenizer(), max_len=24, raw=True)(
+        "<|image_1|>\nRepresent the given image.", _image(30, 40)
+    )
     assert set(text) == set(image_only) == LLAVA_KEYS
     assert _shapes(text) == _shapes(image_only)
     assert image_only["pixel_values"].shape == (5, 3, TILE, TILE)
@@ -310,7 +262,7 @@ def test_llava_featurizer_has_fixed_shapes():
 
 def test_phi3_v_featurizer_has_fixed_shapes():
     cfg = phi3_v_config()
-    featurizer = BackboneFeaturizer.for_model("phi3_v", cfg, phi_tokenizer(), max_len=32)
+    featurizer = spec_for("phi3_v").featurizer(cfg, phi_tokenizer(), max_len=32)
     text = featurizer("A dog runs.")
     image = featurizer("", _image(50, 23))  # image only: the image template
     assert (
@@ -327,8 +279,8 @@ def test_phi3_v_featurizer_has_fixed_shapes():
 
 def test_text_truncation_keeps_the_template_and_images_are_never_cut():
     tokenizer = llava_tokenizer()
-    featurizer = BackboneFeaturizer.for_model(
-        "mistral", DecoderConfig("mistral", 32064, 8, 8, 1, 1, 1, 8), tokenizer, max_len=24
+    featurizer = spec_for("mistral").featurizer(
+        DecoderConfig("mistral", 32064, 8, 8, 1, 1, 1, 8), tokenizer, max_len=24
     )
     out = featurizer("A man is playing a guitar on a small stage in the park. " * 4)
     assert set(out) == {"input_ids", "attention_mask", TRUNCATED} and out["input_ids"].shape == (24,)
@@ -338,19 +290,18 @@ def test_text_truncation_keeps_the_template_and_images_are_never_cut():
     )
     with pytest.raises(ValueError, match="takes no images"):
         featurizer("x", _image(8, 8))
-    vqa = BackboneFeaturizer.for_model(
-        "llava_next",
+    vqa = spec_for("llava_next").featurizer(
         llava_config(),
         tokenizer,
         max_len=20,
-        prompt=PromptFormat("llava_next", instruction=VQA),
+        instruction=VQA,
     )
     with pytest.raises(ValueError, match="not truncated: raise max_len"):
         vqa("a very long question " * 20, _image(61, 57))
 
 
 def test_featurizer_pickles_and_checks_the_image_token():
-    featurizer = BackboneFeaturizer.for_model("llava_next", llava_config(), llava_tokenizer(), max_len=24)
+    featurizer = spec_for("llava_next").featurizer(llava_config(), llava_tokenizer(), max_len=24)
     again = pickle.loads(pickle.dumps(featurizer))  # grain workers get a copy
     image = _image(30, 40)
     expected, got = featurizer("", image), again("", image)
@@ -358,11 +309,11 @@ def test_featurizer_pickles_and_checks_the_image_token():
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value)
     with pytest.raises(ValueError, match="image_token_index=32000"):
-        BackboneFeaturizer.for_model("llava_next", llava_config(), mistral_tokenizer(), max_len=24)
+        spec_for("llava_next").featurizer(llava_config(), mistral_tokenizer(), max_len=24)
 
 
 def test_collate_pads_to_a_bucket_and_drops_images_for_text_batches():
-    featurizer = BackboneFeaturizer.for_model("llava_next", llava_config(), llava_tokenizer(), max_len=24)
+    featurizer = spec_for("llava_next").featurizer(llava_config(), llava_tokenizer(), max_len=24)
     ids = [featurizer.token_ids("A cat.")[0], featurizer.token_ids("A dog runs fast.")[0]]
     text_batch = featurizer.collate(ids, [None, None])
     assert set(text_batch) == {"input_ids", "attention_mask"} and text_batch["input_ids"].shape == (2, 32)

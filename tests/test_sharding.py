@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import hf_models
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unime_jax.conversion import load_hf_model

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import hf_models
+from helpers.batches import stage1_batch, stage2_batch
 
 from unime_jax.conversion import load_hf_model
 from unime_jax.sharding import global_batch, make_mesh
 from unime_jax.training.gradcache import direct_value_and_grad, gradcache_value_and_grad
 from unime_jax.training.optimizer import OptimizerConfig
+from unime_jax.training.sections import StageSection
 from unime_jax.training.tasks import Stage1Config, Stage1Task, Stage2Config, Stage2Task
-from unime_jax.training.trainer import Trainer, TrainerConfig
-
-T = 12
-
-
-def _texts(rng: np.random.Generator, rows: int, prefix: str) -> dict[str, np.ndarray]:
-    lengths = rng.integers(3, T + 1, size=rows)
-    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-    ids = rng.integers(3, hf_models.VOCAB, size=(rows, T)).astype(np.int32) * mask
-    return {f"{prefix}_input_ids": ids, f"{prefix}_attention_mask": mask}
-
-
-def stage2_batch(rows: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {**_texts(rng, rows, "query"), **_texts(rng, rows, "target")}
-
-
-def stage1_batch(rows: int, seed: int, teacher_dim: int = 24) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    batch = {}
-    for group in ("anchor", "positive", "negative"):
-        batch.update(_texts(rng, rows, group))
-        batch[f"teacher_{group}"] = rng.standard_normal((rows, teacher_dim)).astype(np.float32)
-    return batch
+from unime_jax.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +30,8 @@ def mesh():
 
 def _trainer(path, mesh, task, chunks=1, **opt):
     model = load_hf_model(path, mesh, progress=False).model
-    return Trainer(
-        model, task, OptimizerConfig(**opt), total_steps=10, mesh=mesh, cfg=TrainerConfig(grad_chunks=chunks)
-    )
+    stage = StageSection(grad_chunks=chunks, optimizer=OptimizerConfig(**opt))
+    return Trainer(model, task, stage, total_steps=10, mesh=mesh)
 
 
 def test_gradcache_gradients_equal_direct_backprop(mistral_dir, mesh):
@@ -132,12 +110,16 @@ def test_checkpoint_from_another_model_is_refused(mistral_dir, mesh, tmp_path):
 
     trainer = _trainer(mistral_dir, mesh, Stage2Task(Stage2Config(k=4)))
     state = trainer.init_state(seed=0)
-    ckpts = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False)
-    ckpts.save(1, state, {"model": "tiny-mistral", "lora_rank": 16}, {"seed": 0})
+    def checkpoints(rank: int) -> Checkpoints:
+        identity = {"model": "tiny-mistral", "lora_rank": rank}
+        return Checkpoints(tmp_path / "ckpt", identity, {"seed": 0}, keep=2, async_save=False)
+
+    ckpts = checkpoints(16)
+    ckpts.save(1, state)
     ckpts.wait()
     with pytest.raises(CheckpointMismatchError, match=r"lora_rank: checkpoint 16 vs now 32"):
-        ckpts.restore(1, state, {"model": "tiny-mistral", "lora_rank": 32})
-    restored = ckpts.restore(1, state, {"model": "tiny-mistral", "lora_rank": 16})
+        checkpoints(32).restore(1, state)
+    restored = ckpts.restore(1, state)
     jax.tree.map(
         np.testing.assert_array_equal,
         jax.tree.map(np.asarray, restored.params),

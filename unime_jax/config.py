@@ -1,15 +1,14 @@
-"""Typed configuration: YAML files → nested dataclasses, with ``--set a.b=value`` overrides.
+"""Typed configuration, generically: YAML files → nested dataclasses, with ``--set a.b=value`` overrides.
 
-The machinery here is generic: any dataclass tree can be loaded with :func:`from_dict`, so other
-modules (model architecture configs stored next to checkpoints, data pipelines, ...) reuse it
-with their own dataclasses. :class:`Config` is the top-level run config of the training and
-evaluation scripts; add a field or a section there and it becomes loadable and overridable.
+Any dataclass tree loads with :func:`from_dict`: the run config (``unime_jax.runs.schema.Config``,
+whose sections live with the code they configure), model architecture configs stored beside
+checkpoints, data sections. This module knows none of them.
 
 Pipeline used by :func:`load_config`::
 
     load_yaml_tree(path)          # YAML + ``extends:`` inheritance → plain dict
     apply_overrides(tree, [...])  # ``a.b.c=value`` strings → plain dict
-    from_dict(Config, tree)       # type-checked dataclass tree
+    from_dict(cls, tree)          # type-checked dataclass tree
 
 Errors are :class:`ConfigError` and say which dotted key, which file (or ``--set``) and what
 was expected, because config typos are the most common way a long run dies at startup.
@@ -32,23 +31,13 @@ import tokenize
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from unime_jax.data.config import DataSection
-from unime_jax.demo.config import DemoSection
-from unime_jax.training.sections import Stage1Section, Stage2Section
-
 __all__ = [
-    "Config",
     "ConfigError",
-    "DistributedSection",
-    "ExportSection",
-    "MeshSection",
-    "ModelSection",
     "add_config_args",
     "apply_overrides",
     "config_from_args",
@@ -65,59 +54,6 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not match the config dataclasses."""
-
-
-# --------------------------------------------------------------------------------------------
-# Config sections. Every field carries a trailing comment: `describe` shows it in --help.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSection:
-    checkpoint: str | None = None  # converted unime-jax checkpoint dir or a HuggingFace model dir
-    init: dict[str, Any] | None = None  # no checkpoint: an HF config.json dict to build a random model from
-    tokenizer: str | None = None  # tokenizer dir, or 'mistral-common'; null = the checkpoint dir
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of stored/trainable params
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto = cudnn on GPU with bf16, else xla
-    remat: Literal["none", "full", "dots_saveable"] = "none"  # activation rematerialisation policy
-
-
-@dataclass
-class MeshSection:
-    data: int = -1  # data-parallel axis size; -1 fills from the device count (at most one axis may be -1)
-    fsdp: int = 1  # fully-sharded data-parallel axis size (params/optimizer state sharded)
-    tensor: int = 1  # tensor-parallel axis size (weights split within a layer)
-
-
-@dataclass
-class DistributedSection:
-    coordinator_address: str | None = (
-        None  # host:port of process 0; null = single process or auto-detected cluster
-    )
-    num_processes: int | None = None  # processes in the run (with coordinator_address)
-    process_id: int | None = None  # this process's index (with coordinator_address)
-
-
-@dataclass
-class ExportSection:
-    hf: bool = True  # write <workdir>/export/hf: the trained model merged, as an HF directory
-    peft: bool = True  # write <workdir>/export/peft: the last stage's LoRA as a PEFT adapter (+ its base)
-
-
-@dataclass
-class Config:
-    stages: tuple[Literal["stage1", "stage2"], ...] = ("stage1", "stage2")  # stages to run, in order
-    model: ModelSection = field(default_factory=ModelSection)  # backbone checkpoint and numerics
-    mesh: MeshSection = field(default_factory=MeshSection)  # device mesh layout
-    distributed: DistributedSection = field(default_factory=DistributedSection)  # multi-host start-up
-    data: DataSection = field(default_factory=DataSection)  # training data
-    stage1: Stage1Section = field(default_factory=Stage1Section)  # textual knowledge distillation
-    stage2: Stage2Section = field(default_factory=Stage2Section)  # hard-negative instruction tuning
-    export: ExportSection = field(default_factory=ExportSection)  # what is written at the end
-    demo: DemoSection | None = None  # generate the CPU demo's data and evaluate before/after each stage
-    workdir: str = "runs/default"  # where checkpoints, logs and the resolved config are written
-    seed: int = 0  # global RNG seed (params init, data shuffling, dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,11 +536,7 @@ def dump_yaml(obj: Any, path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(
-    path: str | os.PathLike[str] | None,
-    overrides: Sequence[str] = (),
-    cls: type[T] = Config,  # type: ignore[assignment]
-) -> T:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str], cls: type[T]) -> T:
     """Load `path` (with `extends`), apply ``a.b=value`` overrides, build and check `cls`.
 
     With `path` None the dataclass defaults are the starting point.
@@ -635,7 +567,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, cls: type[T] = Config) -> T:  # type: ignore[assignment]
+def config_from_args(args: argparse.Namespace, cls: type[T]) -> T:
     """Build the config from the arguments added by :func:`add_config_args`."""
     return load_config(args.config, args.overrides or (), cls)
 
@@ -719,7 +651,7 @@ def _describe_lines(cls: type, where: str) -> list[str]:
     return lines
 
 
-def describe(cls: type = Config) -> str:
+def describe(cls: type) -> str:
     """List the fields of a config dataclass tree: ``name: type = default  # comment`` per section."""
     lines = _describe_lines(cls, "")
     # Top-level plain fields come first, without a header; give them one if there are any.

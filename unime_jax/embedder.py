@@ -36,11 +36,11 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
+from unime_jax.backbones import spec_for
 from unime_jax.model_io import MODEL_FILE, load_model
 from unime_jax.models.pooling import embed
 from unime_jax.processing.featurizer import BackboneFeaturizer
-from unime_jax.processing.images import ImageInput
-from unime_jax.processing.prompts import PromptFormat, style_for
+from unime_jax.processing.images import DECODE_ERRORS, ImageInput
 from unime_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
 __all__ = ["ImageSource", "InputError", "UniME"]
@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 # bytes: an encoded image file's contents (e.g. images stored inside a parquet file).
 ImageSource = Image.Image | np.ndarray | str | os.PathLike | bytes
-# What PIL raises for missing, truncated, corrupt or unsupported files.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class InputError(ValueError):
@@ -89,7 +87,7 @@ def _image_size(source: ImageSource, index: int, resize: int | None) -> tuple[in
         try:
             with _open_file(source) as image:
                 size = image.height, image.width
-        except _IMAGE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise InputError(index, f"cannot read image {_describe(source)}: {e}") from e
     return size if resize is None else (resize, resize)
 
@@ -109,7 +107,7 @@ def _open_image(source: ImageSource, index: int, resize: int | None) -> ImageInp
         with _open_file(source) as image:
             image.load()  # decode now, so a corrupt file is reported here, with its index
             return image.convert("RGB") if resize is None else _square(image, resize)
-    except _IMAGE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise InputError(index, f"cannot read image {_describe(source)}: {e}") from e
 
 
@@ -173,6 +171,7 @@ class UniME:
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.model_type = model_type
+        self.spec = spec_for(model_type)
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh or make_mesh()
@@ -183,7 +182,7 @@ class UniME:
         graphdef, self._state = nnx.split(model)
         # One jitted function for the model's lifetime: its cache is keyed on the batch shapes only.
         self._forward = jax.jit(functools.partial(_forward, graphdef))
-        self._featurizers: dict[PromptFormat, BackboneFeaturizer] = {}
+        self._featurizers: dict[tuple[str | None, bool], BackboneFeaturizer] = {}
         self.featurizer()  # fail now on a tokenizer or template that does not fit the model
 
     @classmethod
@@ -267,12 +266,12 @@ class UniME:
             instruction, raw = self.instruction, self.raw
         elif instruction is None and not raw:
             instruction = self.instruction
-        prompt = PromptFormat(style_for(self.model_type), raw=bool(raw), instruction=instruction)
-        if prompt not in self._featurizers:
-            self._featurizers[prompt] = BackboneFeaturizer.for_model(
-                self.model_type, self.config, self.tokenizer, max_len=self.max_len, prompt=prompt
+        mode = (instruction, bool(raw))
+        if mode not in self._featurizers:
+            self._featurizers[mode] = self.spec.featurizer(
+                self.config, self.tokenizer, max_len=self.max_len, raw=bool(raw), instruction=instruction
             )
-        return self._featurizers[prompt]
+        return self._featurizers[mode]
 
     @property
     def _rows_multiple(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from unime_jax.cli_args import model_cli_parser
+from unime_jax.processing.images import DECODE_ERRORS
 
 EPILOG = """\
 input format:
@@ -51,7 +52,6 @@ devices:
   The model is placed on all local devices, batch rows split over them (single process).
 """
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def parse_line(raw: str, number: int, source: Path, image_root: Path) -> Row:
             _check_image(path)
         except FileNotFoundError as e:
             raise BadLine(source, number, f"image {path} does not exist") from e
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise BadLine(source, number, f"image {path} cannot be decoded: {e}") from e
     return Row(number, text or None, path)
 

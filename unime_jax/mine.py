@@ -31,6 +31,7 @@ from unime_jax.data.examples import Side, mmeb_pair, mmeb_where
 from unime_jax.data.negatives import UNMINED, MinedManifest, table_sha256, write_mined
 from unime_jax.data.pipeline import mmeb_source
 from unime_jax.embedder import InputError, UniME
+from unime_jax.runs.schema import Config
 
 if TYPE_CHECKING:
     from unime_jax.data.mmeb import MmebSource
@@ -347,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.overwrite:
         return _error(f"{args.out} exists; pass --overwrite to replace it", 2)
     try:
-        cfg = load_config(args.data, args.overrides or ())
+        cfg = load_config(args.data, args.overrides or (), Config)
         source = mmeb_source(cfg.data)
     except (ConfigError, DataError) as e:
         return _error(str(e), 2)
-    image_root = Path(cfg.data.mmeb.image_root or cfg.data.mmeb.root)
+    image_root = cfg.data.mmeb.images
     beta = cfg.stage2.loss.beta if args.beta is None else args.beta
     try:
         model = UniME.load(

@@ -23,8 +23,8 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
+from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
 from unime_jax.config import from_dict, to_dict
-from unime_jax.models.registry import ModelSpec, spec_for, with_runtime
 from unime_jax.sharding import make_mesh, state_shardings
 
 MODEL_FILE = "unime_model.yaml"
@@ -61,12 +61,12 @@ def variables(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
         yield dotted(path), var
 
 
-def abstract_model(spec: ModelSpec, cfg: Any) -> nnx.Module:
+def abstract_model(spec: BackboneSpec, cfg: Any) -> nnx.Module:
     """The model with ShapeDtypeStructs in place of arrays: no memory is allocated."""
     return nnx.eval_shape(lambda: spec.module_cls(cfg, nnx.Rngs(0)))
 
 
-def init_model(spec: ModelSpec, cfg: Any, mesh: Mesh | None = None, seed: int = 0) -> nnx.Module:
+def init_model(spec: BackboneSpec, cfg: Any, mesh: Mesh | None = None, seed: int = 0) -> nnx.Module:
     """A randomly initialised model whose parameters are created directly in their sharding."""
     mesh = mesh or make_mesh()
     graphdef, abstract = nnx.split(abstract_model(spec, cfg))
@@ -108,7 +108,7 @@ def write_model_config(out: Path, model_type: str, cfg: Any) -> None:
     )
 
 
-def read_model_config(ckpt: Path) -> tuple[ModelSpec, Any]:
+def read_model_config(ckpt: Path) -> tuple[BackboneSpec, Any]:
     path = Path(ckpt) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -154,7 +154,7 @@ def save_model(
 @dataclass
 class LoadedModel:
     model: nnx.Module
-    spec: ModelSpec
+    spec: BackboneSpec
     config: Any
     path: Path
 

@@ -8,11 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from unime_jax.backbones import spec_for
+
 # A real tokenizer that installs offline: Mistral-7B's sentencepiece model inside the
 # mistral-common wheel (LLaVA-1.6-Mistral's base tokenizer).
 MISTRAL_COMMON = "mistral-common"
-# llava-hf adds `<image>` after Mistral's 32000 pieces.
-LLAVA_IMAGE_TOKEN = "<image>"
 
 
 _LLAMA_TOKENIZER_CONFIG = {
@@ -47,7 +47,8 @@ def _mistral_common_tokenizer() -> Any:
 
 
 def load_tokenizer(source: str | Path, model_type: str) -> Any:
-    """A HF tokenizer from a directory (or 'mistral-common'); LLaVA-NeXT gets `<image>` if it lacks it."""
+    """A HF tokenizer from a directory (or 'mistral-common'), with the backbone's fix-ups (e.g.
+    LLaVA-NeXT's ``<image>`` added when it lacks it)."""
     if str(source) == MISTRAL_COMMON:
         tokenizer = _mistral_common_tokenizer()
     else:
@@ -57,6 +58,4 @@ def load_tokenizer(source: str | Path, model_type: str) -> Any:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-    if model_type == "llava_next" and LLAVA_IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
-    return tokenizer
+    return spec_for(model_type).prepare_tokenizer(tokenizer)

@@ -8,7 +8,7 @@ adapter name in the key; `target_modules` is the explicit list of adapted module
 onto (PEFT injects by module name before loading tensors). For Llama/Mistral/Phi-3 decoders these
 are our paths unchanged. For multimodal models they may differ from ours and even from the
 checkpoint's tensor names (transformers >= 4.52 loads LLaVA-NeXT's `language_model.model.*`
-tensors into `model.language_model.*` modules); `layout_index` picks the `ModelSpec.key_layouts`
+tensors into `model.language_model.*` modules); `layout_index` picks the `BackboneSpec.key_layouts`
 prefix rename that produces the in-memory names for the transformers version in use.
 """
 
@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unime_jax.backbones import BackboneSpec
 from unime_jax.conversion.mapping import hf_key, to_hf_array
 from unime_jax.conversion.safetensors_io import write_shard
 from unime_jax.models.lora import LoRAConfig, lora_modules
-from unime_jax.models.registry import ModelSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,7 +80,7 @@ def adapter_config(
 
 def export_peft(
     model: nnx.Module,
-    spec: ModelSpec,
+    spec: BackboneSpec,
     lora_cfg: LoRAConfig,
     out_dir: Path,
     *,

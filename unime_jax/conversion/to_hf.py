@@ -10,13 +10,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from unime_jax.backbones import BackboneSpec
 from unime_jax.conversion.mapping import hf_key, to_hf_array
 from unime_jax.conversion.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
 from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
-from unime_jax.models.registry import ModelSpec
 
 
-def hf_config_for(spec: ModelSpec, cfg, stored: dict | None) -> dict:
+def hf_config_for(spec: BackboneSpec, cfg, stored: dict | None) -> dict:
     """The source config.json when we have it (exact round trip), else one generated from our config."""
     hf = dict(stored) if stored is not None else spec.to_hf(cfg)
     hf["torch_dtype"] = cfg.param_dtype
@@ -28,7 +28,7 @@ def hf_config_for(spec: ModelSpec, cfg, stored: dict | None) -> dict:
 
 def export_hf(
     model: nnx.Module,
-    spec: ModelSpec,
+    spec: BackboneSpec,
     cfg,
     out: Path,
     *,

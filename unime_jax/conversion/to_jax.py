@@ -12,10 +12,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from unime_jax.backbones import spec_for, with_runtime
 from unime_jax.conversion.mapping import from_hf_array, plan
 from unime_jax.conversion.safetensors_io import SafetensorsDir, TensorSource
 from unime_jax.model_io import LoadedModel, abstract_model, save_model, variables
-from unime_jax.models.registry import spec_for, with_runtime
 from unime_jax.sharding import make_mesh, state_shardings
 
 
@@ -27,22 +27,6 @@ def read_hf_config(hf_dir: Path) -> dict:
     if "model_type" not in hf:
         raise ValueError(f"{path} has no 'model_type'; cannot tell which architecture to build")
     return hf
-
-
-def processor_settings(hf_dir: Path, hf: dict) -> dict:
-    """Processor choices that fix the model's static shapes, as config fields.
-
-    Phi-3.5-V's crop budget (``num_crops``) lives in preprocessor_config.json, not config.json,
-    and sets the padded image-feature length.
-    """
-    path = Path(hf_dir) / "preprocessor_config.json"
-    if hf["model_type"] != "phi3_v" or not path.is_file():
-        return {}
-    try:
-        crops = json.loads(path.read_text()).get("num_crops")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"cannot read num_crops from {path}: {e}") from e
-    return {} if crops is None else {"num_crops": int(crops)}
 
 
 def _place(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -64,10 +48,10 @@ def load_hf_model(
     """
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)  # first: a missing config.json or unknown model type is the clearer error
-    spec_for(hf["model_type"])
+    spec = spec_for(hf["model_type"])
     return load_from_source(
         SafetensorsDir(hf_dir),
-        {**hf, **processor_settings(hf_dir, hf)},
+        {**hf, **spec.processor_settings(hf_dir)},
         mesh,
         param_dtype=param_dtype,
         progress=progress,

@@ -6,6 +6,7 @@ Every field carries a trailing comment: :func:`unime_jax.config.describe` shows 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 __all__ = ["DataSection", "LoaderSection", "MmebSection", "NliSection", "TextSection"]
@@ -58,6 +59,11 @@ class MmebSection:
     split: Literal["original", "diverse_instruction"] = "original"  # instruction variant
     subsets: tuple[str, ...] = ()  # subsets to use; () = every subset found under root
     max_per_subset: int | None = 100000  # first rows kept per subset (VLM2Vec: 100000); None = all
+
+    @property
+    def images(self) -> Path:
+        """Where the parquet image paths point into: image_root, else root."""
+        return Path(self.image_root or self.root)
 
 
 @dataclass

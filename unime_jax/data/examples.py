@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from unime_jax.data.errors import BadSample
-from unime_jax.data.featurize import TRUNCATED, Featurizer
 from unime_jax.data.images import load_image
 from unime_jax.data.nli import NLI_COLUMNS, NliRecord
+from unime_jax.processing.text import TRUNCATED, Featurizer
 
 if TYPE_CHECKING:  # stage-1 users need not have pyarrow, which the MMEB reader imports
     from PIL import Image

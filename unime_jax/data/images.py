@@ -8,10 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from unime_jax.data.errors import BadSample
-
-# What PIL raises on truncated, corrupt or unsupported data: OSError covers UnidentifiedImageError
-# and truncated files; ValueError/DecompressionBombError come from malformed headers and huge sizes.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from unime_jax.processing.images import DECODE_ERRORS
 
 
 def _decoded_rgb(image: Image.Image) -> Image.Image:

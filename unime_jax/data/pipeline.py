@@ -23,7 +23,6 @@ epoch (they are the tail of that epoch's shuffle).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grain
@@ -34,10 +33,10 @@ from unime_jax.data.batching import Collate
 from unime_jax.data.config import DataSection, LoaderSection
 from unime_jax.data.errors import DataError
 from unime_jax.data.examples import Example, MmebExamples, NliExamples
-from unime_jax.data.featurize import Featurizer, TextFeaturizer
 from unime_jax.data.negatives import MinedNegatives
 from unime_jax.data.nli import NliSource
 from unime_jax.data.skipping import SkipBadSamples
+from unime_jax.processing.text import Featurizer, TextFeaturizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -214,7 +213,7 @@ def stage2_pipeline(
     transforms = [] if negatives is None else [MinedNegatives(source, negatives, num_negatives)]
     return build_pipeline(
         source,
-        MmebExamples(featurizer, Path(data.mmeb.image_root or data.mmeb.root)),
+        MmebExamples(featurizer, data.mmeb.images),
         data.loader,
         seed=seed,
         process_index=process_index,

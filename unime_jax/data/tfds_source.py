@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unime_jax.data.errors import BadSample, DataError
-from unime_jax.data.images import DECODE_ERRORS
+from unime_jax.processing.images import DECODE_ERRORS
 
 __all__ = ["TfdsRecord", "TfdsSource"]
 

@@ -77,8 +77,6 @@ exit status: 0 done, 1 bad data or model, 2 usage error.
 
 COMPARE_HELP = "a published row to print beside the results: " + ", ".join(dict.fromkeys([*MMEB, *RETRIEVAL]))
 
-# The official MMEB commands' text budgets (UniME's README through VLM2Vec's eval.py), by prompt style.
-MMEB_MAX_LEN = {"phi3_v": 256, "llava_next": 4096}
 
 
 def _positive(value: str) -> int:
@@ -201,14 +199,14 @@ def _load(args: argparse.Namespace, benchmark: str) -> tuple[Any, dict[str, Any]
     """Join the multi-process run, then load the model on this process's devices."""
     import jax
 
+    from unime_jax.backbones import spec_for
     from unime_jax.embedder import UniME
-    from unime_jax.processing.prompts import style_for
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     model_type = _model_type(args.model)
-    max_len = args.max_len or (MMEB_MAX_LEN[style_for(model_type)] if benchmark == "mmeb" else 512)
+    max_len = args.max_len or (spec_for(model_type).mmeb_max_len if benchmark == "mmeb" else 512)
     model = UniME.load(
         args.model,
         mesh=make_mesh(devices=jax.local_devices()),

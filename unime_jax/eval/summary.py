@@ -1,6 +1,6 @@
 """MMEB aggregates, in percent as the papers print them, from per-dataset ``<Dataset>_score.json`` files.
 
-Two "overall" numbers exist and both are reported (unime.md §3.1):
+Two "overall" numbers exist and both are reported (checked against the paper's Tables 1 and 9):
 
 - ``overall_36``: the mean over the datasets (the standard MMEB overall, VLM2Vec's and the
   leaderboard's; over whichever of the 36 are present);

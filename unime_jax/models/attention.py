@@ -1,7 +1,7 @@
 """The one attention function: `jax.nn.dot_product_attention` with right-padding lengths.
 
-On GPU, the cuDNN fused kernel was measured at ~6x XLA's (see shared/PERFORMANCE.md), but it only
-takes fp16/bf16, so "auto" picks cuDNN on GPU for those dtypes and XLA otherwise (CPU, fp32 tests).
+On GPU, the cuDNN fused kernel ran at ~6x XLA's (394 vs 62 TFLOP/s for causal forward+backward
+on an H200, bf16, B=8, L=2048, 32 heads of 128), but it only takes fp16/bf16, so "auto" picks cuDNN on GPU for those dtypes and XLA otherwise (CPU, fp32 tests).
 """
 
 from __future__ import annotations

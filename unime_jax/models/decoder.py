@@ -222,15 +222,20 @@ class DecoderModel(nnx.Module):
         return self.norm(x)
 
 
+def build_lm_head(owner: nnx.Module, cfg: DecoderConfig, rngs: nnx.Rngs) -> None:
+    """Give a `*ForCausalLM` module its untied `lm_head` (unless the config ties or omits it)."""
+    if cfg.lm_head and not cfg.tie_word_embeddings:
+        owner.lm_head = _linear_factory(cfg, rngs)(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab")
+        )
+
+
 class DecoderLM(nnx.Module):
     """HF `*ForCausalLM`: `model` plus an optional `lm_head`."""
 
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         self.model = DecoderModel(cfg, rngs)
-        if cfg.lm_head and not cfg.tie_word_embeddings:
-            self.lm_head = _linear_factory(cfg, rngs)(
-                cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab")
-            )
+        build_lm_head(self, cfg, rngs)
         self.cfg = cfg
 
     def __call__(

@@ -46,7 +46,6 @@ from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderLM, Remat
 from unime_jax.models.layers import Linear, activation, param
 from unime_jax.models.multimodal import merge_image_features, push_runtime
-from unime_jax.processing.images_llava import LLAVA_V16_PINPOINTS
 from unime_jax.sharding import constrain
 
 
@@ -55,13 +54,13 @@ class LlavaNextConfig:
     """LLaVA-NeXT architecture (a Llama/Mistral decoder and a CLIP tower) plus run-time choices.
 
     The run-time fields here are the source of truth: they are pushed into both sub-configs, so
-    `dataclasses.replace(cfg, dtype=...)` (the registry's `with_runtime`) updates the whole model.
+    `dataclasses.replace(cfg, dtype=...)` (`backbones.with_runtime`) updates the whole model.
     """
 
     text: DecoderConfig  # the language model
+    image_grid_pinpoints: tuple[tuple[int, int], ...]  # anyres (height, width) canvases (llava-hf's: backbones.llava_next)
     vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)  # CLIP-L/14-336 in llava-hf
     image_token_index: int = 32000  # placeholder id of one image token in input_ids
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_V16_PINPOINTS  # anyres (height, width) canvases
     vision_feature_layer: int = -2  # CLIP hidden_states index the image features are read from
     vision_feature_select_strategy: Literal["default"] = "default"  # drop CLS (anyres needs it)
     projector_hidden_act: str = "gelu"  # projector activation ("gelu" = exact erf)

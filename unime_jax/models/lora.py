@@ -1,4 +1,7 @@
-"""LoRA inside our `Linear` layers: regex targeting, UniME presets, merging, trainable filters.
+"""LoRA inside our `Linear` layers: regex targeting, merging, trainable filters.
+
+Which modules a backbone adapts is its spec's (``BackboneSpec.lora_targets``); the rank, alpha
+and dropout of each UniME stage are the run config's (``configs/stage{1,2}_common.yaml``).
 
 An adapted `Linear` at module path P gains children named as PEFT names them, so the PEFT export
 is the usual conversion rule (rename `kernel` -> `weight`, transpose):
@@ -46,7 +49,6 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -89,70 +91,6 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-# --------------------------------------------------------------------------------------------
-# UniME presets
-
-Family = Literal["llama", "mistral", "phi3"]
-
-# Decoder projections per family: Phi-3 keeps HF's fused kernels, Llama/Mistral separate ones.
-# These are E5-V's stage-1 targets and the LM part of VLM2Vec's stage-2 list.
-_SEPARATE = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)"
-LM_MODULES: dict[str, str] = {
-    "phi3": r"self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj)",
-    "llama": _SEPARATE,
-    "mistral": _SEPARATE,
-}
-
-# CLIP attention projections of the vision tower wherever it sits (LLaVA `vision_tower.`,
-# Phi-3-V `...img_processor.`). VLM2Vec's name list (q/k/v/out_proj) reaches exactly these; it
-# does not name the tower's fc1/fc2.
-VISION_MODULES = (
-    r"(.*\.)?(vision_tower|img_processor)\.vision_model\.encoder\.layers\.\d+\."
-    r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-)
-
-
-@dataclass(frozen=True)
-class StageDefaults:
-    rank: int
-    alpha: float
-    dropout: float
-
-
-# Ranks are the paper's (Table 8: r=32 best in stage 1, r=16 in stage 2); UniME states neither
-# alpha nor dropout. Stage 1 follows E5-V, whose recipe UniME's stage 1 reuses: alpha=16 and
-# dropout=0.05 with only the rank changed (E5-V: r=64). Stage 2 follows VLM2Vec v1, which UniME's
-# stage 2 (and the authors' UniME-v2 code) keeps: alpha=64, dropout=0.1 (VLM2Vec also used DoRA
-# and gaussian A-init; we use plain LoRA with PEFT's default init).
-STAGE1 = StageDefaults(rank=32, alpha=16.0, dropout=0.05)
-STAGE2 = StageDefaults(rank=16, alpha=64.0, dropout=0.1)
-STAGES = {1: STAGE1, 2: STAGE2}
-
-
-def lora_targets(family: Family, *, prefix: str = "", vision: bool = False) -> str:
-    """Regex for the decoder's attention and MLP projections under `prefix` (e.g. "language_model.").
-
-    `vision=True` adds the CLIP tower's attention projections (VLM2Vec-style stage 2).
-    """
-    if family not in LM_MODULES:
-        raise ValueError(f"no LoRA preset for family {family!r}; known: {sorted(LM_MODULES)}")
-    lm = rf"{re.escape(prefix)}model\.layers\.\d+\.({LM_MODULES[family]})"
-    return f"{lm}|{VISION_MODULES}" if vision else lm
-
-
-def unime_lora(family: Family, stage: Literal[1, 2], *, prefix: str = "", vision: bool = False) -> LoRAConfig:
-    """The LoRA UniME trains in `stage` (1: text distillation, 2: instruction tuning), LM only by default."""
-    if stage not in STAGES:
-        raise ValueError(f"UniME has stages 1 and 2, got {stage!r}")
-    d = STAGES[stage]
-    return LoRAConfig(
-        rank=d.rank,
-        alpha=d.alpha,
-        dropout=d.dropout,
-        targets=lora_targets(family, prefix=prefix, vision=vision),
-    )
 
 
 # --------------------------------------------------------------------------------------------

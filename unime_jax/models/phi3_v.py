@@ -27,9 +27,19 @@ from flax import nnx
 
 from unime_jax.models.attention import Implementation
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
-from unime_jax.models.decoder import DecoderConfig, DecoderModel, Remat
+from unime_jax.models.decoder import DecoderConfig, DecoderModel, Remat, build_lm_head
 from unime_jax.models.layers import Linear, activation, param
 from unime_jax.models.multimodal import merge_image_features, push_runtime
+
+
+def image_token_count(h_crops: int, w_crops: int, merged_side: int) -> int:
+    """Placeholders for an h×w crop grid: the sub grid with a separator per row, glb_GN, the global
+    grid with a separator per row; m = merged_side tokens per crop side.
+
+    144·(h·w + 1) + 12·(h + 1) + 1 for CLIP-L/14-336, as the Phi-3-V processor counts them.
+    """
+    m = merged_side
+    return m * h_crops * (m * w_crops + 1) + 1 + m * (m + 1)
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,7 @@ class Phi3VConfig:
     """Phi-3-V architecture (a Phi-3 decoder and a CLIP tower) plus static-shape limits and run-time choices.
 
     The run-time fields here are the source of truth: they are pushed into both sub-configs, so
-    `dataclasses.replace(cfg, dtype=...)` (the registry's `with_runtime`) updates the whole model.
+    `dataclasses.replace(cfg, dtype=...)` (`backbones.with_runtime`) updates the whole model.
     """
 
     text: DecoderConfig  # the Phi-3 language model
@@ -79,12 +89,8 @@ class Phi3VConfig:
         return self.num_crops + 1
 
     def num_image_tokens(self, h_crops: int, w_crops: int) -> int:
-        """Placeholders for an h×w grid: sub grid with row separators, glb_GN, global grid with separators.
-
-        144·(h·w + 1) + 12·(h + 1) + 1 for CLIP-L/14-336, as the Phi-3-V processor counts them.
-        """
-        m = self.merged_side
-        return m * h_crops * (m * w_crops + 1) + 1 + m * (m + 1)
+        """Placeholders for an h×w crop grid (:func:`image_token_count`)."""
+        return image_token_count(h_crops, w_crops, self.merged_side)
 
     @property
     def max_image_tokens(self) -> int:
@@ -214,17 +220,7 @@ class Phi3VForCausalLM(nnx.Module):
 
     def __init__(self, cfg: Phi3VConfig, rngs: nnx.Rngs):
         self.model = Phi3VModel(cfg, rngs)
-        text = cfg.text
-        if text.lm_head and not text.tie_word_embeddings:
-            self.lm_head = Linear(
-                text.hidden_size,
-                text.vocab_size,
-                use_bias=False,
-                axes=("embed", "vocab"),
-                dtype=jnp.dtype(text.dtype),
-                param_dtype=jnp.dtype(text.param_dtype),
-                rngs=rngs,
-            )
+        build_lm_head(self, cfg.text, rngs)
         self.cfg = cfg
 
     def __call__(

@@ -13,9 +13,13 @@ def last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / ||x|| in float32 (as torch.nn.functional.normalize, eps-guarded)."""
+    """x / max(||x||, eps) over the last axis, in float32 (torch.nn.functional.normalize's value).
+
+    Written as ``x * rsqrt(max(||x||², eps²))``, whose gradient stays finite for an all-zero row
+    (the norm's own gradient at 0 is NaN): embeddings and the losses use this one function.
+    """
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def embed(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -1,31 +1,33 @@
 """Shared image-processing pieces for the Phi-3.5-V and LLaVA-NeXT processors (numpy/PIL only).
 
 Both backbones feed CLIP ViT-L/14-336 with a stack of square crops normalised by the OpenAI CLIP
-statistics; they differ only in how the crops are cut (see ``images_phi3v`` and ``images_llava``).
+statistics; they differ only in how the crops are cut (each backbone's ``images`` module:
+``unime_jax.backbones.llava_next.images``, ``unime_jax.backbones.phi3_v.images``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
+    "DECODE_ERRORS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
-    "ImageBatch",
     "ImageInput",
-    "ImageProcessor",
     "ProcessedImage",
-    "collate",
     "normalize",
-    "process_batch",
     "split_into_crops",
     "to_rgb",
 ]
+
+# What PIL raises on missing, truncated, corrupt or unsupported files: OSError covers
+# UnidentifiedImageError and truncated files; ValueError/DecompressionBombError come from malformed
+# headers and huge sizes.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -46,24 +48,6 @@ class ProcessedImage:
     pixel_values: np.ndarray
     image_size: tuple[int, int]
     num_tokens: int
-
-
-@dataclass(frozen=True)
-class ImageBatch:
-    """Processed images stacked to static shapes: crops zero-padded to a fixed count."""
-
-    pixel_values: np.ndarray  # (B, max_crops, 3, crop, crop) float32
-    image_sizes: np.ndarray  # (B, 2) int32, (height, width)
-    num_tokens: np.ndarray  # (B,) int32
-
-
-class ImageProcessor(Protocol):
-    """What the batch helpers need from a processor."""
-
-    @property
-    def max_crops(self) -> int: ...
-
-    def __call__(self, image: ImageInput) -> ProcessedImage: ...
 
 
 def to_rgb(image: ImageInput) -> Image.Image:
@@ -97,24 +81,3 @@ def split_into_crops(image: np.ndarray, crop_size: int) -> np.ndarray:
     rows, cols = height // crop_size, width // crop_size
     grid = image.reshape(channels, rows, crop_size, cols, crop_size).transpose(1, 3, 0, 2, 4)
     return grid.reshape(rows * cols, channels, crop_size, crop_size)
-
-
-def collate(images: Sequence[ProcessedImage], max_crops: int) -> ImageBatch:
-    """Stack processed images, zero-padding each one's crops to ``max_crops`` for static shapes."""
-    crop_shape = images[0].pixel_values.shape[1:]
-    pixel_values = np.zeros((len(images), max_crops, *crop_shape), np.float32)
-    for row, image in enumerate(images):
-        count = image.pixel_values.shape[0]
-        if count > max_crops:
-            raise ValueError(f"image has {count} crops, more than max_crops={max_crops}")
-        pixel_values[row, :count] = image.pixel_values
-    return ImageBatch(
-        pixel_values=pixel_values,
-        image_sizes=np.asarray([image.image_size for image in images], np.int32).reshape(-1, 2),
-        num_tokens=np.asarray([image.num_tokens for image in images], np.int32),
-    )
-
-
-def process_batch(processor: ImageProcessor, images: Sequence[ImageInput]) -> ImageBatch:
-    """Process every image and stack them padded to the processor's ``max_crops``."""
-    return collate([processor(image) for image in images], processor.max_crops)

@@ -47,10 +47,18 @@ def _differences(saved: dict, current: dict, limit: int = 8) -> list[str]:
 
 
 class Checkpoints:
-    """A work directory's checkpoints: save every N steps, keep the last K, resume the latest."""
+    """A work directory's checkpoints: save every N steps, keep the last K, resume the latest.
 
-    def __init__(self, directory: Path, *, keep: int = 3, async_save: bool = True):
+    Args:
+      identity: what a checkpoint must match to be restored (model, stage, adapters, batch...).
+      config: the resolved run config, saved with every checkpoint for the record.
+    """
+
+    def __init__(
+        self, directory: Path, identity: dict, config: dict, *, keep: int = 3, async_save: bool = True
+    ):
         self.directory = Path(directory).absolute()
+        self.identity, self.config = identity, config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -59,21 +67,19 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(
-        self, step: int, state: Any, identity: dict, config: dict, data_iterator: Any | None = None
-    ) -> None:
+    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
         items = {
             "state": ocp.args.StandardSave(_leaves(state)),
-            "meta": ocp.args.JsonSave({**identity, "state": describe_state(state)}),
-            "config": ocp.args.JsonSave(config),
+            "meta": ocp.args.JsonSave({**self.identity, "state": describe_state(state)}),
+            "config": ocp.args.JsonSave(self.config),
         }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def check_identity(self, step: int, identity: dict, state: Any) -> None:
+    def check_identity(self, step: int, state: Any) -> None:
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        current = {**identity, "state": describe_state(state)}
+        current = {**self.identity, "state": describe_state(state)}
         diffs = _differences(saved, current)
         if diffs:
             raise CheckpointMismatchError(
@@ -82,9 +88,9 @@ class Checkpoints:
                 + "\nUse a new workdir, or restore the settings the checkpoint was written with."
             )
 
-    def restore(self, step: int, state: Any, identity: dict, data_iterator: Any | None = None) -> Any:
+    def restore(self, step: int, state: Any, data_iterator: Any | None = None) -> Any:
         """Load step `step` into the structure and shardings of `state` (and the iterator, in place)."""
-        self.check_identity(step, identity, state)
+        self.check_identity(step, state)
         target = {
             k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in _leaves(state).items()
         }

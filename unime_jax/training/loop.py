@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from unime_jax.sharding import global_batch
@@ -20,14 +17,6 @@ from unime_jax.training.trainer import Trainer, TrainState
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive NaN/inf steps; the last good checkpoint was left untouched."""
-
-
-@dataclass
-class LoopConfig:
-    total_steps: int
-    save_every: int = 100  # checkpoint interval in steps (the final step is always saved)
-    log_every: int = 1  # metrics interval in steps
-    desc: str = "train"  # progress-bar label and metrics split name
 
 
 def _tokens(local: dict[str, np.ndarray]) -> int:
@@ -43,49 +32,49 @@ def run(
     trainer: Trainer,
     state: TrainState,
     batches: Iterator[dict[str, np.ndarray]],
-    loop: LoopConfig,
-    mesh: Mesh,
     writer: MetricsWriter,
     *,
     checkpoints: Checkpoints | None = None,
-    identity: dict | None = None,
-    config: dict | None = None,
-    data_iterator: Any | None = None,
-    flops_per_token: float | None = None,
-    peak: float | None = None,
-    data_stats: Callable[[], dict[str, float]] | None = None,
+    label: str = "train",
+    stop_at: int | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
-    """Train from state.step to loop.total_steps; returns the final state and per-step metrics."""
+    """Train from state.step to the trainer's total steps (or ``stop_at``, saving there, for a later
+    run to resume); returns the final state and per-step metrics.
+
+    ``batches`` yields this process's rows of each global batch; with ``checkpoints`` it is saved
+    with every checkpoint (a grain iterator), and an iterator with ``total_counts()`` (the
+    pipeline's ``DataIterator``) has its skipped/truncated sample counts logged with the metrics,
+    so nothing is dropped silently. ``label`` names the progress bar and the metrics split.
+    """
+    stage, total = trainer.stage, trainer.total_steps
+    end = total if stop_at is None else min(stop_at, total)
+    counts = getattr(batches, "total_counts", None)
     history: list[dict[str, float]] = []
     start = int(state.step)
-    bar = tqdm(
-        total=loop.total_steps, initial=start, desc=loop.desc, unit="step", disable=jax.process_index() != 0
-    )
-    for step in range(start, loop.total_steps):
+    bar = tqdm(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
+    for step in range(start, end):
         local = next(batches)
         tic = time.perf_counter()
-        state, metrics = trainer.step(state, global_batch(local, mesh))
+        state, metrics = trainer.step(state, global_batch(local, trainer.mesh))
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - tic
-        if int(state.nonfinite_run) >= trainer.cfg.max_nonfinite:
+        if int(state.nonfinite_run) >= stage.max_nonfinite:
             raise TrainingDivergedError(
-                f"{trainer.cfg.max_nonfinite} consecutive steps had NaN/inf loss or gradients (at step {step + 1}); "
+                f"{stage.max_nonfinite} consecutive steps had NaN/inf loss or gradients (at step {step + 1}); "
                 "stopped without saving. Lower the learning rate or check the data; the last good checkpoint is kept."
             )
         values.update(
             step_time_s=elapsed, items_per_s=_rows(local) / elapsed, tokens_per_s=_tokens(local) / elapsed
         )
-        if flops_per_token and peak:
-            values["mfu"] = flops_per_token * values["tokens_per_s"] / (peak * jax.device_count())
+        if trainer.peak_flops:
+            values["mfu"] = trainer.flops_per_token * values["tokens_per_s"] / (trainer.peak_flops * jax.device_count())
         history.append(values)
-        if (step + 1) % loop.log_every == 0:
-            # Skipped/truncated sample counts ride along, so nothing is dropped silently.
-            writer.write(step + 1, {**values, **(data_stats() if data_stats else {})}, loop.desc)
+        if (step + 1) % stage.log_every == 0:
+            writer.write(step + 1, {**values, **(counts().metrics() if counts else {})}, label)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update(1)
-        done = step + 1 == loop.total_steps
-        if checkpoints is not None and ((step + 1) % loop.save_every == 0 or done):
-            checkpoints.save(step + 1, state, identity or {}, config or {}, data_iterator)
+        if checkpoints is not None and ((step + 1) % stage.save_every == 0 or step + 1 == end):
+            checkpoints.save(step + 1, state, batches)
     bar.close()
     if checkpoints is not None:
         checkpoints.wait()

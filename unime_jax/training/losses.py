@@ -4,8 +4,8 @@ Stage 1: textual discriminative knowledge distillation (paper Eq. 2)
 --------------------------------------------------------------------
 ``stage1_kd_loss`` distils the teacher's *relational* structure: for every anchor (row) it compares
 the softmax over in-batch candidate similarities of the student with the teacher's.  The paper's
-Eq. 2 is under-specified (reference notes §1.4, pitfall §7.14); the choices made here, each
-configurable where it matters:
+Eq. 2 leaves the KL direction, τ and the matrix the distributions come from open; the choices
+made here, each configurable where it matters:
 
 * **Direction**: default ``"teacher_student"`` = KL(P_teacher ‖ P_student), the standard
   distillation direction (what ``F.kl_div(log_softmax(S_s), softmax(S_t))`` computes, mode-covering
@@ -48,23 +48,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-__all__ = ["l2_normalize", "nli_candidates", "stage1_kd_loss", "stage2_hardneg_loss"]
+from unime_jax.models.pooling import l2_normalize
+
+__all__ = ["nli_candidates", "stage1_kd_loss", "stage2_hardneg_loss"]
 
 Direction = Literal["teacher_student", "student_teacher"]
 Metrics = dict[str, jax.Array]
-
-_NORM_EPS = 1e-12
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """L2-normalise the last axis in float32.
-
-    ``rsqrt(max(‖x‖², ε²))`` rather than ``x / ‖x‖`` keeps the gradient finite for an all-zero row.
-    """
-    x = x.astype(jnp.float32)
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
-
 
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     """Cosine-similarity matrix (rows of ``a`` against rows of ``b``), float32."""

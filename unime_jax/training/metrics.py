@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 
-# Measured dense bf16 matmul rates (FLOP/s), the MFU denominator (see shared/PERFORMANCE.md).
+# Measured dense bf16 matmul rates (FLOP/s): an 8192³ bf16 matmul on the card (BENCHMARKS.md), the
+# MFU denominator.
 MEASURED_PEAK_FLOPS = {"NVIDIA H200": 760e12}
 
 
@@ -20,12 +20,8 @@ def peak_flops(override_tflops: float | None = None) -> float | None:
     return MEASURED_PEAK_FLOPS.get(jax.devices()[0].device_kind)
 
 
-def count_params(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def lm_flops_per_token(frozen_params: int, trainable_params: int, gradcache: bool) -> float:
-    """Model FLOPs per token (PERFORMANCE.md): frozen weights 4N (forward + activation grads),
+    """Model FLOPs per token, LoRA-aware: frozen weights 4N (forward + activation grads),
     trained weights 6N, GradCache one extra forward (2N on every weight). Attention is left out,
     which under-counts for long sequences: MFU is a lower bound."""
     flops = 4 * frozen_params + 6 * trainable_params

@@ -12,10 +12,10 @@ from unime_jax.training.tasks import Stage1Config, Stage2Config
 @dataclass
 class LoraSection:
     enabled: bool = True  # false = full fine-tuning of every parameter
-    rank: int | None = None  # LoRA r; null = the paper's (stage 1: 32, stage 2: 16)
-    alpha: float | None = None  # scale alpha/r; null = E5-V's 16 (stage 1) / VLM2Vec's 64 (stage 2)
-    dropout: float | None = None  # adapter input dropout; null = 0.05 (stage 1) / 0.1 (stage 2)
-    targets: str | None = None  # regex over module paths; null = the LM's attention+MLP projections
+    rank: int | None = None  # LoRA r (needed when enabled; the paper's: 32 in stage 1, 16 in stage 2)
+    alpha: float | None = None  # the update is scaled by alpha/r (needed when enabled)
+    dropout: float | None = None  # adapter input dropout (needed when enabled)
+    targets: str | None = None  # regex over module paths; null = the backbone's LM attention+MLP projections
     vision: bool = False  # also adapt the vision tower's attention (stage 2 option)
 
 

@@ -8,7 +8,6 @@ The step is jitted with explicit in/out shardings and a donated state: one compi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -20,7 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from unime_jax.models import lora, pooling
 from unime_jax.sharding import shard_state
 from unime_jax.training.gradcache import EmbedFn, direct_value_and_grad, gradcache_value_and_grad
-from unime_jax.training.optimizer import OptimizerConfig, make_optimizer
+from unime_jax.training.metrics import lm_flops_per_token, peak_flops
+from unime_jax.training.optimizer import make_optimizer
+from unime_jax.training.sections import StageSection
 from unime_jax.training.tasks import Batch, Task
 
 
@@ -34,50 +35,42 @@ class TrainState:
     skipped: jax.Array  # steps skipped in total
 
 
-def _path_key(path: tuple) -> str:
-    return jax.tree_util.keystr(path)
-
-
-def like_params_shardings(tree: Any, params: Any, mesh: Mesh) -> Any:
-    """Shardings for an optimizer-state tree: leaves mirroring a parameter share its sharding."""
-    by_path = {_path_key(p): (x.shape, x.sharding) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+    """Shardings of ``tx.init(params)``: each subtree shaped like the parameters (Adam's moments,
+    accumulated gradients) takes the parameters' shardings; everything else (step counts) is
+    replicated. Read off ``jax.eval_shape`` of the init, so no state is allocated to find them."""
+    abstract = jax.eval_shape(tx.init, params)
+    params_def = jax.tree.structure(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def pick(path: tuple, leaf: Any) -> NamedSharding:
-        key = _path_key(path)
-        for param_path, (shape, sharding) in by_path.items():
-            if key.endswith(param_path) and tuple(leaf.shape) == tuple(shape):
-                return sharding
-        return replicated
+    def like_params(node: Any) -> bool:
+        return jax.tree.structure(node) == params_def
 
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Step-level choices."""
-
-    grad_chunks: int = 1  # GradCache chunks per group; 1 = plain backprop through the whole batch
-    max_nonfinite: int = 5  # stop after this many consecutive NaN/inf steps
+    return jax.tree.map(
+        lambda node: param_shardings if like_params(node) else replicated, abstract, is_leaf=like_params
+    )
 
 
 class Trainer:
-    """Owns the split model, the optimizer and the compiled step."""
+    """Owns the split model, the optimizer and the compiled step of one stage.
 
-    def __init__(
-        self,
-        model: nnx.Module,
-        task: Task,
-        optimizer: OptimizerConfig,
-        total_steps: int,
-        mesh: Mesh,
-        cfg: TrainerConfig = TrainerConfig(),
-    ):
-        self.task, self.mesh, self.cfg = task, mesh, cfg
+    Args:
+      stage: the stage's settings: ``optimizer``, ``grad_chunks`` (GradCache chunks per group; 1 =
+        plain backprop through the whole batch), ``max_nonfinite`` (consecutive NaN/inf steps
+        before the run stops), ``save_every``/``log_every`` (the loop's), ``peak_tflops`` (MFU).
+      total_steps: steps of the run (the learning-rate schedule's length).
+    """
+
+    def __init__(self, model: nnx.Module, task: Task, stage: StageSection, total_steps: int, mesh: Mesh):
+        self.task, self.stage, self.total_steps, self.mesh = task, stage, total_steps, mesh
+        trainable, total = lora.param_counts(model)
+        self.flops_per_token = lm_flops_per_token(total - trainable, trainable, stage.grad_chunks > 1)
+        self.peak_flops = peak_flops(stage.peak_tflops)
         self.graphdef, params, self.frozen = nnx.split(model, lora.trainable_filter(model), ...)
         self.params = shard_state(params, mesh)
-        self.tx, self.schedule = make_optimizer(optimizer, total_steps)
-        self.accumulation = optimizer.accumulation_steps
+        self.tx, self.schedule = make_optimizer(stage.optimizer, total_steps)
+        self.accumulation = stage.optimizer.accumulation_steps
         self._step_fn = None
 
     # ----------------------------------------------------------------------------------------
@@ -92,8 +85,8 @@ class Trainer:
         return embed
 
     def init_state(self, seed: int) -> TrainState:
-        opt_state = jax.jit(self.tx.init)(self.params)
-        opt_state = jax.device_put(opt_state, like_params_shardings(opt_state, self.params, self.mesh))
+        shardings = opt_state_shardings(self.tx, self.params, self.mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=shardings)(self.params)
         # Distinct buffers for every field: the state is donated, and a buffer donated twice is an error.
         replicated = NamedSharding(self.mesh, PartitionSpec())
         scalar = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
@@ -109,9 +102,9 @@ class Trainer:
         key = jax.random.fold_in(state.rng, state.step)
         groups = self.task.groups(batch)
         loss_fn = lambda emb: self.task.loss(emb, batch)  # noqa: E731
-        grad_fn = gradcache_value_and_grad if self.cfg.grad_chunks > 1 else direct_value_and_grad
+        grad_fn = gradcache_value_and_grad if self.stage.grad_chunks > 1 else direct_value_and_grad
         (loss, metrics), grads = grad_fn(
-            self.embed_fn(frozen), loss_fn, state.params, groups, key, self.cfg.grad_chunks
+            self.embed_fn(frozen), loss_fn, state.params, groups, key, self.stage.grad_chunks
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,6 +1,6 @@
 """LLaVA-NeXT ("anyres") image processor, matching transformers' slow numpy/PIL ``LlavaNextImageProcessor``.
 
-Steps (backbones_mmeb.md §3.3): pick the grid pinpoint that keeps the most of the image; resize
+Steps (transformers' ``LlavaNextImageProcessor.preprocess``): pick the grid pinpoint that keeps the most of the image; resize
 to fit it keeping the aspect ratio (PIL bicubic); centre-pad with black to the pinpoint; cut
 into crops row-major; prepend the whole image squashed to one crop (aspect ratio ignored);
 rescale and normalise. With ``shortest_edge == crop_size`` the per-crop resize and centre crop

@@ -1,9 +1,10 @@
-"""Featurizers: one (text, image) input → fixed-shape numpy arrays for the model.
+"""The featurizer protocol the data pipeline calls, and the text-only :class:`TextFeaturizer`.
 
 The pipeline is agnostic of the backbone: it calls a :class:`Featurizer` for every side of an
 example (anchor, positive, query, target, ...) and prefixes the keys with the side's role. The
-multimodal featurizers (Phi-3.5-V, LLaVA-NeXT prompts and image crops) live with the backbone
-processing code; :class:`TextFeaturizer` is the text-only one stage 1 uses.
+multimodal one is :class:`~unime_jax.processing.featurizer.BackboneFeaturizer`;
+:class:`TextFeaturizer` is the text-only one stage 1 uses (and the multimodal one uses for its
+text-only rows).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from unime_jax.processing.prompts import TEXT_SLOT as _PLACEHOLDER
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -22,8 +25,6 @@ __all__ = ["TRUNCATED", "Featurizer", "TextFeaturizer"]
 # Optional 0-d bool in a featurizer's output: the text was cut to fit max_len. The pipeline counts
 # it (per-epoch "truncated" metric) and removes it before batching.
 TRUNCATED = "truncated"
-
-_PLACEHOLDER = "{text}"
 
 
 class Featurizer(Protocol):
@@ -76,13 +77,6 @@ class TextFeaturizer:
                 f"prompt template {self.template!r} alone is {overhead} tokens, which leaves no room "
                 f"for text within max_len={self.max_len}; raise max_len or shorten the template"
             )
-
-    @classmethod
-    def from_pretrained(cls, path: str, max_len: int, template: str = _PLACEHOLDER) -> TextFeaturizer:
-        """Load the tokenizer saved in a model or checkpoint directory."""
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(path), max_len, template)
 
     @property
     def pad_id(self) -> int:

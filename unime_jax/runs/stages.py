@@ -1,9 +1,10 @@
-"""Running UniME's stages end to end: backbone -> stage 1 -> merge -> stage 2 -> export.
+"""One UniME stage from a backbone: adapters, pipeline, trainer, checkpoints, then the merged model.
 
 Each stage lives in `<workdir>/<stage>/`: orbax checkpoints, metrics.jsonl, TensorBoard events,
 and, once finished, `merged/` (the stage's LoRA folded into the backbone, as the paper starts
 stage 2 from). A restarted run resumes the unfinished stage from its latest checkpoint and skips
-finished ones.
+finished ones. What is specific to the backbone (LoRA targets, input processing) comes from its
+spec; what the run does around the stages is ``runs.train``'s.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from unime_jax.config import Config, to_dict
-from unime_jax.model_io import init_model, load_model, save_model
+from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
+from unime_jax.config import to_dict
+from unime_jax.model_io import MODEL_FILE, init_model, load_model, save_model
 from unime_jax.models import lora
-from unime_jax.models.registry import ModelSpec, spec_for, with_runtime
+from unime_jax.runs.schema import Config
 from unime_jax.tokenizer import load_tokenizer
 from unime_jax.training import loop
 from unime_jax.training.checkpoints import Checkpoints
-from unime_jax.training.metrics import MetricsWriter, count_params, lm_flops_per_token, peak_flops
+from unime_jax.training.metrics import MetricsWriter
 from unime_jax.training.sections import Stage2Section, StageSection
 from unime_jax.training.tasks import Stage1Task, Stage2Task
-from unime_jax.training.trainer import Trainer, TrainerConfig
+from unime_jax.training.trainer import Trainer
 
 MERGED_DIR = "merged"
-PRETRAIN_DIR = "pretrain"  # the demo's alignment warm-up (demo.pretrain), which stage 1 then starts from
 STAGE_NUMBERS = {"stage1": 1, "stage2": 2}
 
 
@@ -39,7 +40,7 @@ class Backbone:
     """A model with what is needed to feed, checkpoint and export it."""
 
     model: nnx.Module
-    spec: ModelSpec
+    spec: BackboneSpec
     config: Any  # architecture dataclass
     tokenizer: Any
     hf_config: dict | None  # the source config.json, when the model came from HF weights
@@ -59,7 +60,7 @@ def load_backbone(cfg: Config, mesh: Mesh) -> Backbone:
     m = cfg.model
     if m.checkpoint:
         path = Path(m.checkpoint)
-        if (path / "unime_model.yaml").is_file():
+        if (path / MODEL_FILE).is_file():
             loaded, hf_config = load_model(path, mesh, **runtime_fields(cfg)), None
         else:
             from unime_jax.conversion.to_jax import load_hf_model, read_hf_config
@@ -82,41 +83,27 @@ def load_backbone(cfg: Config, mesh: Mesh) -> Backbone:
     return Backbone(model, spec, arch, load_tokenizer(tokenizer_source, spec.model_type), hf_config)
 
 
-def stage_start(stage: str, cfg: Config, mesh: Mesh, workdir: Path) -> nnx.Module:
-    """A fresh copy of the weights a stage starts from (the base a PEFT adapter applies to)."""
-    if stage == "stage2" and "stage1" in cfg.stages:
-        previous: Path | None = workdir / "stage1" / MERGED_DIR
-    elif cfg.demo is not None and cfg.demo.pretrain is not None:
-        previous = workdir / PRETRAIN_DIR / MERGED_DIR  # the demo's first stage follows its warm-up
-    else:
-        previous = None
-    if previous is not None and previous.is_dir():
+def stage_start(cfg: Config, mesh: Mesh, previous: Path | None) -> nnx.Module:
+    """A fresh copy of the weights a stage starts from (the base a PEFT adapter applies to): the
+    merged model of the step before it (``previous``) when there is one, else the backbone."""
+    if previous is not None and (previous / MODEL_FILE).is_file():
         return load_model(previous, mesh, **runtime_fields(cfg)).model
     return load_backbone(cfg, mesh).model  # reloaded, or re-initialised from the same seed
 
 
-def _family_and_prefix(backbone: Backbone) -> tuple[str, str]:
-    """The decoder family and where the decoder sits in the module tree (LoRA targets)."""
-    arch = backbone.config
-    if backbone.model_type == "llava_next":
-        return arch.text.family, "language_model."
-    if backbone.model_type == "phi3_v":
-        return arch.text.family, ""
-    return arch.family, ""
-
-
-def lora_config(section: StageSection, stage: int, backbone: Backbone) -> lora.LoRAConfig | None:
-    """The stage's adapters: the paper's presets with any configured overrides."""
+def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.LoRAConfig | None:
+    """The stage's adapters: the configured rank, alpha and dropout on the backbone's projections."""
     if not section.lora.enabled:
         return None
-    family, prefix = _family_and_prefix(backbone)
-    preset = lora.unime_lora(family, stage, prefix=prefix, vision=section.lora.vision)
-    chosen = {
-        k: v
-        for k, v in asdict(section.lora).items()
-        if k in ("rank", "alpha", "dropout", "targets") and v is not None
-    }
-    return replace(preset, **chosen)
+    settings = section.lora
+    missing = [k for k in ("rank", "alpha", "dropout") if getattr(settings, k) is None]
+    if missing:
+        raise ValueError(
+            f"{stage}.lora.{missing[0]} is not set (the paper's recipes set rank, alpha and dropout: "
+            f"configs/{stage}_common.yaml); set it, or lora.enabled: false for full fine-tuning"
+        )
+    targets = settings.targets or backbone.spec.lora_targets(backbone.config, vision=settings.vision)
+    return lora.LoRAConfig(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, targets=targets)
 
 
 def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection):
@@ -131,19 +118,9 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
     data = replace(cfg.data, loader=replace(cfg.data.loader, batch_size=batch_size // nproc))
     if stage == "stage1":
         return stage1_pipeline(data, backbone.tokenizer, seed=cfg.seed)
-    from unime_jax.processing.featurizer import BackboneFeaturizer
-    from unime_jax.processing.prompts import PromptFormat, style_for
-
     # MMEB instructions are fed raw (no chat template), as VLM2Vec and UniME's stage 2 do.
-    style = style_for(
-        backbone.model_type if backbone.model_type in ("llava_next", "phi3_v") else backbone.config.family
-    )
-    featurizer = BackboneFeaturizer.for_model(
-        backbone.model_type,
-        backbone.config,
-        backbone.tokenizer,
-        max_len=cfg.data.text.max_len,
-        prompt=PromptFormat(style, raw=True),
+    featurizer = backbone.spec.featurizer(
+        backbone.config, backbone.tokenizer, max_len=cfg.data.text.max_len, raw=True
     )
     source = mmeb_source(data)
     negatives = section.negatives
@@ -173,13 +150,6 @@ def _identity(stage: str, backbone: Backbone, lcfg: lora.LoRAConfig | None, sect
     return identity
 
 
-def _flops_per_token(model: nnx.Module, gradcache: bool) -> float:
-    trainable = count_params(nnx.state(model, lora.trainable_filter(model)))
-    total = count_params(nnx.state(model, nnx.Param))
-    frozen = total - trainable if lora.has_lora(model) else 0
-    return lm_flops_per_token(frozen, trainable if lora.has_lora(model) else total, gradcache)
-
-
 @dataclass
 class StageResult:
     model: nnx.Module  # the backbone with this stage's training merged in
@@ -206,10 +176,10 @@ def run_stage(
     section = section or getattr(cfg, stage)
     label = label or stage
     merged = directory / MERGED_DIR
-    if (merged / "unime_model.yaml").is_file():
+    if (merged / MODEL_FILE).is_file():
         print(f"{label}: finished earlier, loading {merged}")
         return StageResult(load_model(merged, mesh, **runtime_fields(cfg)).model, None, None, [], directory)
-    lcfg = lora_config(section, STAGE_NUMBERS[stage], backbone)
+    lcfg = lora_config(stage, section, backbone)
     model = backbone.model
     if lcfg is not None:
         lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
@@ -219,41 +189,22 @@ def run_stage(
         task = Stage1Task(section.loss)
     else:
         task = Stage2Task(section.loss, in_batch=section.negatives.mode != "mined")
-    trainer = Trainer(
-        model,
-        task,
-        section.optimizer,
-        total,
-        mesh,
-        TrainerConfig(grad_chunks=section.grad_chunks, max_nonfinite=section.max_nonfinite),
-    )
+    trainer = Trainer(model, task, section, total, mesh)
     state = trainer.init_state(cfg.seed)
     iterator = iter(pipeline)
-    identity = _identity(stage, backbone, lcfg, section)
-    checkpoints = Checkpoints(directory / "checkpoints", keep=section.keep_checkpoints)
+    checkpoints = Checkpoints(
+        directory / "checkpoints",
+        _identity(stage, backbone, lcfg, section),
+        to_dict(cfg),
+        keep=section.keep_checkpoints,
+    )
     latest = checkpoints.latest_step()
     if latest is not None:
         print(f"{label}: resuming from step {latest} in {checkpoints.directory}")
-        state = checkpoints.restore(latest, state, identity, iterator)
+        state = checkpoints.restore(latest, state, iterator)
     writer = MetricsWriter(directory)
     try:
-        state, history = loop.run(
-            trainer,
-            state,
-            iterator,
-            loop.LoopConfig(
-                total_steps=total, save_every=section.save_every, log_every=section.log_every, desc=label
-            ),
-            mesh,
-            writer,
-            checkpoints=checkpoints,
-            identity=identity,
-            config=to_dict(cfg),
-            data_iterator=iterator,
-            flops_per_token=_flops_per_token(model, section.grad_chunks > 1),
-            peak=peak_flops(section.peak_tflops),
-            data_stats=lambda: iterator.total_counts().metrics(),
-        )
+        state, history = loop.run(trainer, state, iterator, writer, checkpoints=checkpoints, label=label)
     finally:
         writer.close()
         checkpoints.close()

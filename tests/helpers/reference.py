@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REFERENCE_SCRIPT = Path(__file__).with_name("reference_phi3v_processor.py")
-PARSERS_SCRIPT = Path(__file__).with_name("reference_mmeb_parsers.py")
+from helpers.tokenizers import phi_tokenizer
+
+TESTS = Path(__file__).resolve().parents[1]
+REFERENCE_SCRIPT = TESTS / "reference_phi3v_processor.py"
+PARSERS_SCRIPT = TESTS / "reference_mmeb_parsers.py"
 
 
 def run_reference(spec: dict, directory: Path) -> dict[str, np.ndarray]:
@@ -54,3 +57,14 @@ def _run(script: Path, spec: dict, output: Path) -> Path:
             f"{result.stdout}\n{result.stderr}"
         )
     return output
+
+
+def reference_phi3v_ids(cases: list[tuple[str, list[int]]], directory: Path) -> list[list[int]]:
+    """VLM2Vec's `Phi3VProcessor._convert_images_texts_to_inputs` ids for (prompt, image token counts)
+    cases, run unmodified (real torchvision) in the reference interpreter with `phi_tokenizer()`."""
+    phi_tokenizer().save_pretrained(directory / "tokenizer")
+    spec = {
+        "id_cases": {"tokenizer": str(directory / "tokenizer"), "cases": [[p, list(n)] for p, n in cases]}
+    }
+    arrays = run_reference(spec, directory)
+    return [arrays[f"ids_{index}"].tolist() for index in range(len(cases))]

@@ -1,6 +1,6 @@
 """Phi-3.5-V image processor: the HD transform of the reference ``Phi3VImageProcessor``, in numpy/PIL.
 
-Steps (backbones_mmeb.md §1.3): convert to RGB; make the image landscape; pick the largest
+Steps (the reference's ``HD_transform`` and ``preprocess``): convert to RGB; make the image landscape; pick the largest
 ``scale`` with ``scale · ceil(scale / ratio) ≤ num_crops``; PIL-bilinear resize to width
 ``scale · crop``; pad the height with white to a multiple of ``crop``, centred; transpose back;
 normalise; prepend a global view (torch bicubic of the *normalised* padded image); zero-pad the
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from unime_jax.models.phi3_v import image_token_count
 from unime_jax.processing.images import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -64,15 +65,10 @@ def hd_padded_size(height: int, width: int, num_crops: int, crop_size: int) -> t
 def phi3v_num_tokens(
     padded_height: int, padded_width: int, crop_size: int = 336, patch_size: int = 14
 ) -> int:
-    """Image tokens for a padded HD image of the given size.
-
-    Each crop gives (crop/patch/2)² merged tokens (12² = 144 for CLIP-L/14-336): an h×w grid of
-    sub-crops with one separator per merged row, one ``glb_GN``, and the 12×12 global view with
-    a separator per row: ``(h·w + 1)·144 + 1 + (h + 1)·12``.
-    """
-    merged = crop_size // patch_size // 2
-    rows, cols = padded_height // crop_size, padded_width // crop_size
-    return (rows * cols + 1) * merged * merged + 1 + (rows + 1) * merged
+    """Image tokens for a padded HD image of the given size: its crop grid's placeholder count
+    (the model's :func:`~unime_jax.models.phi3_v.image_token_count`; each crop gives
+    (crop/patch/2)² merged tokens)."""
+    return image_token_count(padded_height // crop_size, padded_width // crop_size, crop_size // patch_size // 2)
 
 
 def hd_transform(image: Image.Image, num_crops: int, crop_size: int) -> np.ndarray:

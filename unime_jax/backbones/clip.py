@@ -1,0 +1,47 @@
+"""The CLIP vision tower (``clip_vision_model``): HF config mapping, key layouts, LoRA names.
+
+A backbone of its own for conversion and parity checks, and the tower inside LLaVA-NeXT and
+Phi-3.5-V, which reuse its config mapping and its attention names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from unime_jax.backbones.spec import BackboneSpec
+from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+
+__all__ = ["CLIP_FIELDS", "SPEC", "attention_targets", "clip_from_hf", "clip_to_hf"]
+
+CLIP_FIELDS = [f.name for f in fields(CLIPVisionConfig) if f.name not in ("dtype", "param_dtype", "attention")]
+
+
+def clip_from_hf(hf: dict) -> CLIPVisionConfig:
+    defaults = CLIPVisionConfig()
+    return CLIPVisionConfig(**{name: hf.get(name, getattr(defaults, name)) for name in CLIP_FIELDS})
+
+
+def clip_to_hf(cfg: CLIPVisionConfig) -> dict:
+    hf = {name: getattr(cfg, name) for name in CLIP_FIELDS}
+    hf.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"], torch_dtype=cfg.param_dtype)
+    return hf
+
+
+def attention_targets(tower: str) -> str:
+    """Regex of the tower's attention projections, the tower at module path regex ``tower``.
+
+    VLM2Vec's name list (q/k/v/out_proj) reaches exactly these; it does not name fc1/fc2.
+    """
+    return rf"{tower}vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+SPEC = BackboneSpec(
+    "clip_vision_model",
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    clip_from_hf,
+    clip_to_hf,
+    # transformers 5 flattens CLIPVisionModel and drops the `vision_model.` prefix.
+    key_layouts=((), (("vision_model.", ""),)),
+    vision_targets=attention_targets(""),
+)
