@@ -236,6 +236,7 @@ def w1_train_step(ref, loaded, tiny: bool, device: str) -> dict:
     from unime_jax.sharding import global_batch
     from unime_jax.training.metrics import lm_flops_per_token
     from unime_jax.training.optimizer import OptimizerConfig
+    from unime_jax.training.sections import StageSection
     from unime_jax.training.tasks import Stage1Config, Stage1Task
     from unime_jax.training.trainer import Trainer
 
@@ -283,7 +284,8 @@ def w1_train_step(ref, loaded, tiny: bool, device: str) -> dict:
     trainable, total = param_counts(loaded.model)
     mesh = make_mesh(devices=jax.devices()[:1])
     task = Stage1Task(Stage1Config(tau=tau, candidates="self"))
-    trainer = Trainer(loaded.model, task, OptimizerConfig(learning_rate=5e-4), total_steps=100, mesh=mesh)
+    stage = StageSection(optimizer=OptimizerConfig(learning_rate=5e-4))
+    trainer = Trainer(loaded.model, task, stage, total_steps=100, mesh=mesh)
     state = trainer.init_state(seed=0)
     batch = global_batch(
         {"anchor_input_ids": ids, "anchor_attention_mask": mask, "teacher_anchor": teacher}, mesh
@@ -487,6 +489,7 @@ def w2_train_step(ref, loaded, queries: dict, t_q: dict, text: int, tiny: bool, 
     from unime_jax.sharding import global_batch
     from unime_jax.training.metrics import lm_flops_per_token
     from unime_jax.training.optimizer import OptimizerConfig
+    from unime_jax.training.sections import StageSection
     from unime_jax.training.tasks import Stage2Config, Stage2Task
     from unime_jax.training.trainer import Trainer
 
@@ -539,7 +542,8 @@ def w2_train_step(ref, loaded, queries: dict, t_q: dict, text: int, tiny: bool, 
     apply_lora(loaded.model, cfg, nnx.Rngs(0))
     trainable, total = param_counts(loaded.model)
     mesh = make_mesh(devices=jax.devices()[:1])
-    trainer = Trainer(loaded.model, Stage2Task(Stage2Config(tau=tau, beta=beta, k=k)), OptimizerConfig(learning_rate=2e-5), total_steps=100, mesh=mesh)  # fmt: skip
+    stage = StageSection(optimizer=OptimizerConfig(learning_rate=2e-5))
+    trainer = Trainer(loaded.model, Stage2Task(Stage2Config(tau=tau, beta=beta, k=k)), stage, total_steps=100, mesh=mesh)
     holder = {"state": trainer.init_state(seed=0)}
     local = {f"query_{k2}": v for k2, v in queries.items()}
     local.update(target_input_ids=t_ids, target_attention_mask=t_mask)
