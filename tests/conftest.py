@@ -10,6 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# UniME.load turns on JAX's persistent compilation cache; tests must not write to the home directory.
+os.environ.setdefault("UNIME_JAX_COMPILATION_CACHE", "0")
 
 import jax
 

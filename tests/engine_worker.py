@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--packed", action="store_true", help="feed the packed layout (data.packing)")
     args = parser.parse_args()
 
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -36,6 +37,7 @@ def main() -> None:
     from helpers.batches import stage2_batch
 
     from unime_jax.conversion import load_hf_model
+    from unime_jax.data.packing import PackSpec, pack_batch, pack_classes, packed_lengths
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed, loop
     from unime_jax.training.checkpoints import Checkpoints
@@ -51,7 +53,12 @@ def main() -> None:
     def local_rows(k: int) -> dict:
         batch = stage2_batch(rows, seed=1000 + k)
         per = rows // nproc
-        return {key: value[pid * per : (pid + 1) * per] for key, value in batch.items()}
+        local = {key: value[pid * per : (pid + 1) * per] for key, value in batch.items()}
+        if not args.packed:
+            return local
+        shards = jax.local_device_count()
+        classes = pack_classes(packed_lengths(12, smallest=4), (), chunk_tokens=8, max_rows=2)
+        return pack_batch(local, PackSpec(classes, shards, first_shard=pid * shards))
 
     iterator = iter(grain.MapDataset.range(10_000).map(local_rows).to_iter_dataset())
     mesh = make_mesh(data=-1)

@@ -16,6 +16,7 @@ from helpers.tokenizers import LLAVA_TEMPLATE, mistral_tokenizer
 from unime_jax.data.config import DataSection, LoaderSection, NliSection, TextSection
 from unime_jax.data.errors import DataError
 from unime_jax.data.nli import NliSource
+from unime_jax.data.packing import PackSpec, pack_batch, pack_classes, packed_lengths
 from unime_jax.data.pipeline import DataPipeline, stage1_pipeline
 
 ROWS = 40
@@ -48,14 +49,16 @@ def with_bad(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     return make_data(tmp_path_factory.mktemp("bad"), rows)
 
 
-def pipeline(data, tokenizer, seed: int = 0, index: int = 0, count: int = 1, **loader) -> DataPipeline:
+def pipeline(
+    data, tokenizer, seed: int = 0, index: int = 0, count: int = 1, pack: PackSpec | None = None, **loader
+) -> DataPipeline:
     csv_path, store, _ = data
     section = DataSection(
         loader=LoaderSection(**{"batch_size": BATCH, "read_threads": 0, **loader}),
         text=TextSection(LLAVA_TEMPLATE, 32),
         nli=NliSection(str(csv_path), str(store), teacher_dim=8),
     )
-    return stage1_pipeline(section, tokenizer, seed=seed, process_index=index, process_count=count)
+    return stage1_pipeline(section, tokenizer, seed=seed, process_index=index, process_count=count, pack=pack)
 
 
 def take(pipe: DataPipeline, n: int) -> list[dict[str, np.ndarray]]:
@@ -220,3 +223,18 @@ def test_two_workers_give_the_same_batches_as_none(with_bad, tokenizer) -> None:
         assert it.total_counts().samples == 6 * BATCH
     finally:
         it.close()
+
+
+def test_packed_batches_from_workers_are_the_padded_batches_regrouped(with_bad, tokenizer) -> None:
+    spec = PackSpec(pack_classes(packed_lengths(32), (), chunk_tokens=64, max_rows=4), shards=2)
+    padded = take(pipeline(with_bad, tokenizer, seed=5), 4)
+    it = iter(pipeline(with_bad, tokenizer, seed=5, num_workers=2, pack=spec))
+    try:
+        packed = [{k: np.array(v) for k, v in next(it).items()} for _ in range(4)]
+    finally:
+        it.close()
+    assert_same(packed, [pack_batch(batch, spec) for batch in padded])
+    assert packed[0]["packed_tokens"].shape == (2, 3 * BATCH // 2 * 32)
+    assert int(packed[0]["packed_row_len"].sum()) == sum(
+        int(padded[0][f"{r}_attention_mask"].sum()) for r in ("anchor", "positive", "negative")
+    )

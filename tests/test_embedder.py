@@ -36,10 +36,11 @@ TEXTS = [
 QUESTIONS = ["What animal is this?", "Is it raining?", "How many people are there in the picture?"]
 
 
-
-
-
-
+@pytest.fixture(autouse=True, scope="module")
+def _no_compilation_cache():
+    with pytest.MonkeyPatch.context() as patch:  # tests never write to the user's cache
+        patch.setenv("UNIME_JAX_COMPILATION_CACHE", "0")
+        yield
 
 
 def max_error(ours: np.ndarray, expected: list[np.ndarray]) -> float:

@@ -81,3 +81,19 @@ def test_two_processes_match_one_process(hf_dir, tmp_path):
     for proc in procs:
         _finish(proc)
     np.testing.assert_allclose(_losses(two, 3), _losses(one, 3), atol=1e-5, rtol=0)
+
+
+def test_packed_layout_on_two_processes_matches_the_padded_one_process_run(hf_dir, tmp_path):
+    """Rows regrouped and dealt over the shards of two processes: the same losses as padded rows."""
+    one = tmp_path / "one"
+    _finish(_run("--hf-dir", str(hf_dir), "--workdir", str(one), "--steps", "3"))
+    two = tmp_path / "two"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        _run("--hf-dir", str(hf_dir), "--workdir", str(two), "--steps", "3", "--devices", "4", "--packed",
+             "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        _finish(proc)
+    np.testing.assert_allclose(_losses(two, 3), _losses(one, 3), atol=1e-5, rtol=0)

@@ -28,7 +28,7 @@ LAYERS = [
     {"eval"},
     {"demo"},
     {"runs"},
-    {"", "cli_args", "encode", "mine", "teacher", "train"},  # the CLIs ("" = the package's __init__)
+    {"", "cli_args", "encode", "encode_io", "mine", "teacher", "train"},  # the CLIs ("" = the package's __init__)
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Beyond the order: processing stays generic, numpy/PIL over shared pieces (the rule).

@@ -297,7 +297,7 @@ def test_training_refuses_a_table_of_other_data(world, mined, mesh) -> None:
     cfg = config_for(world, mined, "mined", root=str(changed))
     backbone = load_backbone(cfg, mesh)
     with pytest.raises(DataError, match=r"(?s)mined/manifest\.json were mined for other data.*source_sha256"):
-        _pipeline("stage2", cfg, backbone, cfg.stage2)
+        _pipeline("stage2", cfg, backbone, cfg.stage2, mesh)
 
 
 def config_for(world: dict, table: Path, mode: str, root: str | None = None) -> Config:
@@ -310,7 +310,7 @@ def config_for(world: dict, table: Path, mode: str, root: str | None = None) -> 
 def test_mined_batches_carry_the_table(world, mined, mesh) -> None:
     cfg = config_for(world, mined, "mined")
     backbone = load_backbone(cfg, mesh)
-    pipeline = _pipeline("stage2", cfg, backbone, cfg.stage2)
+    pipeline = _pipeline("stage2", cfg, backbone, cfg.stage2, mesh)
     table = np.load(mined / NEGATIVES_FILE)
     ids = MmebSource(world["root"], subsets=("TextRet", "ImageQ")).target_ids
     order = list(grain.MapDataset.range(RECORDS).shuffle(seed=cfg.seed))  # the pipeline's record order

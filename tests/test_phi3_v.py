@@ -37,7 +37,7 @@ from unime_jax.conversion import load_hf_model
 from unime_jax.model_io import abstract_model
 from unime_jax.models.clip import CLIPVisionConfig
 from unime_jax.models.decoder import DecoderConfig
-from unime_jax.models.phi3_v import Phi3VConfig
+from unime_jax.models.phi3_v import Phi3VConfig, merge_2x2
 from unime_jax.sharding import make_mesh
 
 TOL = 1e-4
@@ -178,7 +178,11 @@ def test_hd_layout_and_projection_match_reference(reference, ours, grids):
             torch.tensor(patches), torch.tensor(sizes)
         ).numpy()
     embedding = ours.model.model.vision_embed_tokens
-    got = np.asarray(embedding.hd_features(jnp.asarray(patches), jnp.asarray(sizes)))
+    tokens = merge_2x2(jnp.asarray(patches.reshape(-1, *patches.shape[2:])), 24)
+    table = tokens.reshape(len(grids), -1, tokens.shape[-1])
+    index = ours.model.feature_index(ours.model.cfg.max_image_tokens, jnp.asarray(sizes))
+    gathered = jnp.take_along_axis(table, index[..., None], axis=1)
+    got = np.asarray(embedding.pack_features(gathered, jnp.asarray(sizes)))
     counts = [processor_token_count(h, w) for h, w in grids]
     assert expected.shape[0] == sum(counts)
     mine = np.concatenate([got[i, :n] for i, n in enumerate(counts)])

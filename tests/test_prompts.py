@@ -17,6 +17,7 @@ from unime_jax.backbones.llava_next.images import LlavaNextImageProcessor
 from unime_jax.backbones.llava_next.inputs import llava_next_ids
 from unime_jax.backbones.phi3_v.inputs import phi3_v_ids
 from unime_jax.models.decoder import DecoderConfig
+from unime_jax.processing.featurizer import NUM_TILES
 from unime_jax.processing.prompts import PromptFormat, bucket_length, length_buckets
 from unime_jax.processing.text import TRUNCATED
 
@@ -232,7 +233,7 @@ def test_llava_next_text_ids_and_grid(llava_processor):
 # Featurizers
 # ------------------------------------------------------------------------------------------------
 
-LLAVA_KEYS = {"input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grids", TRUNCATED}
+LLAVA_KEYS = {"input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grids", NUM_TILES, TRUNCATED}
 
 
 def _shapes(out: dict[str, np.ndarray]) -> dict[str, tuple]:
@@ -254,6 +255,7 @@ def test_llava_featurizer_has_fixed_shapes():
     assert not text["pixel_values"].any() and not text["image_sizes"].any() and not text["image_grids"].any()
     np.testing.assert_array_equal(image_only["image_sizes"], [30, 40])
     np.testing.assert_array_equal(image_only["image_grids"], [2, 2])
+    assert (text[NUM_TILES], image_only[NUM_TILES]) == (0, 5)  # the base tile and the 2×2 grid
     n = int(image_only["attention_mask"].sum())
     assert (image_only["input_ids"][:n] == IMAGE_TOKEN).sum() == LlavaNextImageProcessor(
         PINPOINTS, crop_size=TILE, patch_size=7
@@ -266,13 +268,16 @@ def test_phi3_v_featurizer_has_fixed_shapes():
     text = featurizer("A dog runs.")
     image = featurizer("", _image(50, 23))  # image only: the image template
     assert (
-        set(text) == set(image) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", TRUNCATED}
+        set(text)
+        == set(image)
+        == {"input_ids", "attention_mask", "pixel_values", "image_sizes", NUM_TILES, TRUNCATED}
     )
     assert _shapes(text) == _shapes(image)
     assert image["pixel_values"].shape == (cfg.max_crops, 3, TILE, TILE)
     assert featurizer.seq_len == 32 + cfg.max_image_tokens
     h, w = (int(x) // TILE for x in image["image_sizes"])
     assert (image["input_ids"] == -1).sum() == cfg.num_image_tokens(h, w)
+    assert (text[NUM_TILES], image[NUM_TILES]) == (0, 1 + h * w)  # the global view and the crops
     assert image["attention_mask"].sum() > (image["input_ids"] == -1).sum()
     assert not text["pixel_values"].any() and not text["image_sizes"].any()
 
@@ -283,7 +288,7 @@ def test_text_truncation_keeps_the_template_and_images_are_never_cut():
         DecoderConfig("mistral", 32064, 8, 8, 1, 1, 1, 8), tokenizer, max_len=24
     )
     out = featurizer("A man is playing a guitar on a small stage in the park. " * 4)
-    assert set(out) == {"input_ids", "attention_mask", TRUNCATED} and out["input_ids"].shape == (24,)
+    assert set(out) == {"input_ids", "attention_mask", NUM_TILES, TRUNCATED} and out["input_ids"].shape == (24,)
     assert out[TRUNCATED] and out["attention_mask"].sum() <= 24
     assert tokenizer.decode(out["input_ids"][: out["attention_mask"].sum()]).endswith(
         "\nSummary above sentence in one word: [/INST]"
@@ -320,6 +325,6 @@ def test_collate_pads_to_a_bucket_and_drops_images_for_text_batches():
     arrays, tokens = featurizer.process_image(_image(28, 28))
     ids.append(featurizer.token_ids(None, tokens)[0])
     mixed = featurizer.collate(ids, [None, None, arrays])
-    assert mixed["input_ids"].shape == (3, 64) and mixed["pixel_values"].shape == (3, 5, 3, TILE, TILE)
+    assert mixed["input_ids"].shape == (3, 64) and mixed["pixel_values"].shape == (3, 3, 3, TILE, TILE)  # its 3 real tiles
     np.testing.assert_array_equal(mixed["image_grids"], [[0, 0], [0, 0], [1, 2]])
     np.testing.assert_array_equal(mixed["attention_mask"].sum(1), [len(i) for i in ids])

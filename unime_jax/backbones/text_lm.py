@@ -37,8 +37,15 @@ class TextOnlyInputs:
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         return None
 
+    @property
+    def min_image_tokens(self) -> int:
+        return 0
+
     def num_tokens(self, height: int, width: int) -> int:
         raise ValueError(f"a text-only {self.cfg.family} model takes no images")
+
+    def num_tiles(self, arrays: Arrays) -> int:
+        return 0
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:
         raise ValueError(f"a text-only {self.cfg.family} model takes no images")

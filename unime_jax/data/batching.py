@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from unime_jax.data.accounting import STATS_KEY, BatchReport, DataCounts
+from unime_jax.data.packing import PackSpec, pack_batch
 from unime_jax.data.skipping import Slot
 
 __all__ = ["Collate", "cut_to_buckets", "stack_examples"]
@@ -61,10 +62,13 @@ class Collate:
     """grain ``batch_fn``: slots → flat dict of stacked arrays plus a :class:`BatchReport`."""
 
     bucket_lengths: tuple[int, ...] = ()
+    pack: PackSpec | None = None  # regroup into the packed layout (then no bucket cut)
 
     def __call__(self, slots: Sequence[Slot]) -> dict[str, Any]:
         batch = stack_examples([slot.example.arrays for slot in slots])
-        if self.bucket_lengths:
+        if self.pack is not None:
+            batch = pack_batch(batch, self.pack)
+        elif self.bucket_lengths:
             batch = cut_to_buckets(batch, self.bucket_lengths)
         skipped = [slot.skipped for slot in slots if slot.skipped is not None]
         counts = DataCounts(

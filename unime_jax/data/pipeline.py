@@ -35,6 +35,7 @@ from unime_jax.data.errors import DataError
 from unime_jax.data.examples import Example, MmebExamples, NliExamples
 from unime_jax.data.negatives import MinedNegatives
 from unime_jax.data.nli import NliSource
+from unime_jax.data.packing import PackSpec
 from unime_jax.data.skipping import SkipBadSamples
 from unime_jax.processing.text import Featurizer, TextFeaturizer
 
@@ -116,6 +117,7 @@ def build_pipeline(
     process_index: int | None = None,
     process_count: int | None = None,
     record_transforms: Sequence[Callable[[Any], Any]] = (),
+    pack: PackSpec | None = None,
 ) -> DataPipeline:
     """A pipeline over any random-access `source` (``__len__``, ``__getitem__``).
 
@@ -126,6 +128,7 @@ def build_pipeline(
       seed: shuffling and replacement seed, in [0, 2**32).
       process_index, process_count: this process's shard; default jax.process_index()/count().
       record_transforms: picklable record → record maps applied after sharding.
+      pack: regroup every batch into the packed layout (``unime_jax.data.packing``).
     """
     index, count = _process(process_index, process_count)
     per_process = len(source) // (count * loader.batch_size) * loader.batch_size
@@ -139,7 +142,7 @@ def build_pipeline(
         records = records.map(transform)
     slots = SkipBadSamples(records, make_example, seed, loader.max_replacement_draws)
     batches = slots.batch(
-        loader.batch_size, drop_remainder=True, batch_fn=Collate(tuple(loader.bucket_lengths))
+        loader.batch_size, drop_remainder=True, batch_fn=Collate(tuple(loader.bucket_lengths), pack)
     )
     dataset = batches.repeat(loader.num_epochs).to_iter_dataset(
         grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=loader.prefetch_batches)
@@ -162,6 +165,7 @@ def stage1_pipeline(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    pack: PackSpec | None = None,
 ) -> DataPipeline:
     """NLI triplets + teacher embeddings → ``anchor_/positive_/negative_`` tokens and ``teacher_*``."""
     if data.nli is None:
@@ -177,6 +181,7 @@ def stage1_pipeline(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        pack=pack,
     )
 
 
@@ -200,6 +205,7 @@ def stage2_pipeline(
     num_negatives: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    pack: PackSpec | None = None,
 ) -> DataPipeline:
     """MMEB-train pairs → ``query_*``, ``target_*``, ``target_ids`` (+ ``negative_*`` when mined).
 
@@ -219,4 +225,5 @@ def stage2_pipeline(
         process_index=process_index,
         process_count=process_count,
         record_transforms=transforms,
+        pack=pack,
     )

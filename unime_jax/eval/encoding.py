@@ -3,22 +3,24 @@ device of every process.
 
 The items are cut into the store's chunks; chunk ``c`` belongs to process ``c % process_count``,
 which loads it from the store or encodes it on its local devices (batch rows split over them) and
-saves it. With several processes, the chunks are then all-gathered, so every process ends with
-every embedding. An item that cannot be embedded (a missing or corrupt image, an empty input) gets
-a NaN row and its error message; the rest of its chunk is embedded normally.
+saves it. The chunks to encode go through one :meth:`~unime_jax.embedder.UniME.encode_stream`, so
+the next chunk is prepared while the device runs this one. With several processes, the chunks are
+then all-gathered, so every process ends with every embedding. An item that cannot be embedded (a
+missing or corrupt image, an empty input) gets a NaN row and its error message; the rest of its
+chunk is embedded normally.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from unime_jax.embedder import ImageSource, InputError, UniME
+from unime_jax.embedder import BadInput, ImageSource, Row, UniME
 from unime_jax.eval.store import EmbeddingStore
 
 __all__ = ["Entry", "agree", "encode_entries"]
@@ -35,33 +37,28 @@ class Entry:
         return self.image() if callable(self.image) else self.image
 
 
-def _encode_chunk(
-    model: UniME, entries: Sequence[Entry], raw: bool, batch_size: int
-) -> tuple[np.ndarray, list[str]]:
-    embeddings = np.full((len(entries), model.dim), np.nan, np.float32)
-    errors = [""] * len(entries)
-    texts = [e.text for e in entries]
-    images: list[ImageSource | None] = []
-    for i, entry in enumerate(entries):
-        try:
-            images.append(entry.source())
-        except (OSError, ValueError) as e:  # a lazily read source (e.g. a parquet row) failed
-            images.append(None)
-            errors[i] = f"cannot read the image: {e}"
-    todo = [i for i in range(len(entries)) if not errors[i]]
-    while todo:
-        try:
-            embeddings[todo] = model.encode(
-                [texts[i] for i in todo],
-                [images[i] for i in todo],
-                raw=raw,
-                batch_size=batch_size,
-                progress=False,
-            )
-            break
-        except InputError as e:  # every input is planned before any forward pass: retry without it
-            errors[todo.pop(e.index)] = e.message
-    return embeddings, errors
+def _row(entry: Entry) -> Row:
+    try:
+        return entry.text, entry.source()
+    except (OSError, ValueError) as e:  # a lazily read source (e.g. a parquet row) failed
+        return BadInput(f"cannot read the image: {e}")
+
+
+def _encode_chunks(
+    model: UniME,
+    chunks: Sequence[Sequence[Entry]],
+    raw: bool,
+    batch_size: int,
+    on_rows: Callable[[int], None],
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Each chunk's embeddings (NaN rows where an entry failed) and per-entry errors, in order."""
+    rows = ([_row(entry) for entry in chunk] for chunk in chunks)
+    for chunk, encoded in zip(
+        chunks,
+        model.encode_stream(rows, raw=raw, batch_size=batch_size, skip_bad=True, on_rows=on_rows),
+        strict=True,
+    ):
+        yield encoded.embeddings, [encoded.errors.get(i, "") for i in range(len(chunk))]
 
 
 def agree(flag: bool) -> bool:
@@ -131,14 +128,20 @@ def encode_entries(
     total = sum(stop - start for start, stop in map(store.bounds, mine))
     local: dict[int, tuple[np.ndarray, list[str]]] = {}
     with tqdm(total=total, desc=desc, unit="item", disable=not progress or process != 0) as bar:
+        todo = []
         for chunk in mine:
-            start, stop = store.bounds(chunk)
             loaded = store.load(chunk)
             if loaded is None:
-                loaded = _encode_chunk(model, entries[start:stop], raw, batch_size)
-                store.save(chunk, *loaded)
+                todo.append(chunk)
+                continue
             local[chunk] = loaded
-            bar.update(stop - start)
+            bar.update(len(loaded[0]))
+        slices = [entries[slice(*store.bounds(chunk))] for chunk in todo]
+        for chunk, encoded in zip(
+            todo, _encode_chunks(model, slices, raw, batch_size, bar.update), strict=True
+        ):
+            store.save(chunk, *encoded)  # saved as it finishes: an interrupted run resumes from here
+            local[chunk] = encoded
     if count > 1:
         return _allgather(local, store, model.dim)
     if not local:

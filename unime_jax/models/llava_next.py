@@ -14,13 +14,16 @@ Everything is static under jit although the layout is data: each row gathers a p
 sequence (`LlavaNextConfig.max_image_tokens` slots) from its table of projected tile features, and
 a cumulative count over the placeholder positions picks the slot for each of them (MaxText's
 `merge_mm_embeddings` pattern). Padded tiles and the tiles of text-only rows go through CLIP like
-real ones and are never read. One image per row; text-only rows have no placeholders.
+real ones and are never read; the packed training layout instead runs `tile_features` on real
+tiles only and passes each row's gathered features (`gathered_features`). One image per row;
+text-only rows have no placeholders.
 
 Model inputs (right-padded rows):
   input_ids       (B, T) int32   image placeholders = image_token_index, one per image token
   attention_mask  (B, T) int32   1 on real tokens, placeholders included
-  pixel_values    (B, P, 3, S, S) float32   P = max_image_patches: base tile, then the grid tiles
-                                  row-major, unused slots zero (the HF processor's layout)
+  pixel_values    (B, P, 3, S, S) float32   P <= max_image_patches: base tile, then the grid tiles
+                                  row-major, unused slots zero (the HF processor's layout; a batch
+                                  may stop at its largest real tile count)
   image_sizes     (B, 2) int32   original (height, width) of each image; (0, 0) for text-only rows
   image_grids     (B, 2) int32   (rows, cols) of tiles of the chosen pinpoint, i.e.
                                   select_best_resolution(image_size, pinpoints) // S; (0, 0) for
@@ -58,7 +61,9 @@ class LlavaNextConfig:
     """
 
     text: DecoderConfig  # the language model
-    image_grid_pinpoints: tuple[tuple[int, int], ...]  # anyres (height, width) canvases (llava-hf's: backbones.llava_next)
+    image_grid_pinpoints: tuple[
+        tuple[int, int], ...
+    ]  # anyres (height, width) canvases (llava-hf's: backbones.llava_next)
     vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)  # CLIP-L/14-336 in llava-hf
     image_token_index: int = 32000  # placeholder id of one image token in input_ids
     vision_feature_layer: int = -2  # CLIP hidden_states index the image features are read from
@@ -188,25 +193,49 @@ class LlavaNext(nnx.Module):
         self.language_model = DecoderLM(cfg.text, rngs)
         self.cfg = cfg
 
+    def tile_features(self, tiles: jax.Array) -> jax.Array:
+        """CLIP features of tiles (N, C, S, S) -> (N, n², D_clip): the selected layer, CLS dropped ("default")."""
+        return self.vision_tower.hidden_state(tiles, self.cfg.vision_feature_layer)[:, 1:]
+
+    def feature_index(self, length: int, image_sizes: jax.Array, image_grids: jax.Array) -> jax.Array:
+        """(B, length): for each image-token slot, the row of the image's own tile-feature table
+        (tile k at rows k·n² .. (k+1)·n² - 1, tile 0 = base) it reads; newline and unused slots read row 0."""
+        return anyres_layout(image_sizes, image_grids, side=self.cfg.tile_side, length=length)[0]
+
+    def gather_features(
+        self, pixel_values: jax.Array, image_sizes: jax.Array, image_grids: jax.Array
+    ) -> jax.Array:
+        """pixel_values (B, P, C, S, S), P <= max_image_patches -> CLIP features (B, max_image_tokens, D_clip)
+        in :meth:`feature_index` order. Tile slots past an image's own tiles are run but never read."""
+        b, p = pixel_values.shape[:2]
+        if p > self.cfg.max_image_patches:
+            raise ValueError(
+                f"pixel_values has {p} tiles per image; this config has at most {self.cfg.max_image_patches}"
+            )
+        features = self.tile_features(pixel_values.reshape(b * p, *pixel_values.shape[2:]))
+        table = features.reshape(b, p * features.shape[1], -1)
+        index = self.feature_index(self.cfg.max_image_tokens, image_sizes, image_grids)
+        return jnp.take_along_axis(table, index[..., None], axis=1)
+
+    def pack_features(
+        self, gathered: jax.Array, image_sizes: jax.Array, image_grids: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Gathered CLIP features (B, L, D_clip) -> the LM-width feature sequence (B, L, D) and its real length (B,)."""
+        _, newline, count = anyres_layout(
+            image_sizes, image_grids, side=self.cfg.tile_side, length=gathered.shape[1]
+        )
+        # The projector acts per feature, so projecting after the layout gather equals HF's project-then-pack.
+        packed = self.multi_modal_projector(gathered)
+        packed = jnp.where(newline[..., None], self.image_newline[...].astype(packed.dtype), packed)
+        return constrain(packed, ("batch", "seq", "act_embed")), count
+
     def image_features(
         self, pixel_values: jax.Array, image_sizes: jax.Array, image_grids: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         """pixel_values (B, P, C, S, S) -> packed features (B, max_image_tokens, D) and their counts (B,)."""
-        cfg = self.cfg
-        b, p = pixel_values.shape[:2]
-        if p != cfg.max_image_patches:
-            raise ValueError(
-                f"pixel_values has {p} tiles per image; this config expects {cfg.max_image_patches}"
-            )
-        tiles = pixel_values.reshape(b * p, *pixel_values.shape[2:])
-        features = self.vision_tower.hidden_state(tiles, cfg.vision_feature_layer)[:, 1:]  # "default": no CLS
-        table = self.multi_modal_projector(features).reshape(b, p * features.shape[1], -1)
-        index, newline, count = anyres_layout(
-            image_sizes, image_grids, side=cfg.tile_side, length=cfg.max_image_tokens
+        return self.pack_features(
+            self.gather_features(pixel_values, image_sizes, image_grids), image_sizes, image_grids
         )
-        packed = jnp.take_along_axis(table, index[..., None], axis=1)
-        packed = jnp.where(newline[..., None], self.image_newline[...].astype(packed.dtype), packed)
-        return constrain(packed, ("batch", "seq", "act_embed")), count
 
     def __call__(
         self,
@@ -216,20 +245,26 @@ class LlavaNext(nnx.Module):
         pixel_values: jax.Array | None = None,
         image_sizes: jax.Array | None = None,
         image_grids: jax.Array | None = None,
+        gathered_features: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states (B, T, D) of right-padded rows; inputs as in the module docstring.
 
-        Each image row must carry exactly as many placeholders as its packed feature count, as HF's
-        processor emits them; surplus placeholders keep the placeholder token's embedding.
+        ``gathered_features`` (B, L, D_clip) replaces ``pixel_values``: each row's CLIP tile features
+        already gathered in :meth:`feature_index` order for L slots (the packed training layout runs
+        :meth:`tile_features` once per real tile and gathers). Each image row must carry exactly as
+        many placeholders as its packed feature count, as HF's processor emits them; surplus
+        placeholders keep the placeholder token's embedding.
         """
-        if pixel_values is None:
+        if pixel_values is None and gathered_features is None:
             return self.language_model(input_ids, attention_mask=attention_mask)
         if image_sizes is None or image_grids is None:
             raise ValueError(
                 "pixel_values needs image_sizes (B, 2) and image_grids (B, 2); see unime_jax.models.llava_next"
             )
+        if gathered_features is None:
+            gathered_features = self.gather_features(pixel_values, image_sizes, image_grids)
+        features, count = self.pack_features(gathered_features, image_sizes, image_grids)
         embeds = self.language_model.model.embed_tokens(input_ids)
-        features, count = self.image_features(pixel_values, image_sizes, image_grids)
         is_image = input_ids == self.cfg.image_token_index
         within = jnp.cumsum(is_image, axis=1, dtype=jnp.int32) <= count[:, None]
         embeds = merge_image_features(embeds, features, is_image & within)

@@ -10,10 +10,12 @@ One image with an h×w crop grid (h·w <= num_crops) becomes, with m = (image_si
      placeholders of input_ids (the processor emits -1 for image 1, with attention mask 1).
 
 Everything is static under jit although h and w are data (image_sizes): each row builds a padded
-worst-case layout (`Phi3VConfig.max_image_tokens` slots) by gathering from a table of projected
-crop tokens plus the two separators, and a cumulative count over the placeholder positions picks
-the slot for each of them (MaxText's `merge_mm_embeddings` pattern). Padded crops and the crops of
-text-only rows go through CLIP like real ones and are then never read, as in the reference.
+worst-case layout (`Phi3VConfig.max_image_tokens` slots) by gathering from a table of merged crop
+tokens, writes the two separators in and projects, and a cumulative count over the placeholder
+positions picks the slot for each of them (MaxText's `merge_mm_embeddings` pattern). Padded crops
+and the crops of text-only rows go through CLIP like real ones and are then never read, as in the
+reference; the packed training layout instead runs `tile_features` on real crops only and passes
+each row's gathered tokens (`gathered_features`).
 One image per row; text-only rows carry image_sizes (0, 0) and no placeholders.
 """
 
@@ -117,34 +119,39 @@ def merge_2x2(features: jax.Array, grid: int) -> jax.Array:
     return x.reshape(n, m * m, 4 * c)
 
 
-def hd_layout(image_sizes: jax.Array, cfg: Phi3VConfig) -> jax.Array:
-    """(B, 2) padded HD sizes -> (B, max_image_tokens) indices into each row's feature table.
+def hd_layout(
+    image_sizes: jax.Array, cfg: Phi3VConfig, length: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, 2) padded HD sizes -> where each of `length` image-token slots per row comes from.
 
-    The table holds the merged tokens of crop k at rows k·m² .. (k+1)·m² - 1 (crop 0 = global view),
-    then `sub_GN`, then `glb_GN`. Slots past the image's token count point at row 0 and are never read.
+    Returns (index, sub, glb), each (B, length): index into the image's table of merged crop tokens
+    (crop k at rows k·m² .. (k+1)·m² - 1, crop 0 = the global view), and the slots that hold the
+    `sub_GN` and `glb_GN` separators. Separator slots and slots past the image's token count read
+    row 0; the latter are never used.
     """
     m = cfg.merged_side
-    sub_gn = cfg.max_crops * m * m
-    glb_gn = sub_gn + 1
     h = image_sizes[:, :1].astype(jnp.int32) // cfg.crop_size
     w = image_sizes[:, 1:].astype(jnp.int32) // cfg.crop_size
-    slot = jnp.arange(cfg.max_image_tokens, dtype=jnp.int32)[None]
+    slot = jnp.arange(length, dtype=jnp.int32)[None]
 
     # Sub-crop grid: m·h rows of m·w tokens plus a separator.
     row_len = m * w + 1
     sub_len = m * h * row_len
     r, c = slot // row_len, slot % row_len
     crop = 1 + (r // m) * w + c // m
-    sub = jnp.where(c == m * w, sub_gn, crop * m * m + (r % m) * m + c % m)
+    in_sub = slot < sub_len
+    sub_sep = in_sub & (c == m * w)
 
     # Global view after glb_GN: m rows of m tokens plus a separator.
     g = slot - sub_len - 1
     gr, gc = g // (m + 1), g % (m + 1)
-    glob = jnp.where(gc == m, sub_gn, gr * m + gc)
-
-    index = jnp.where(slot < sub_len, sub, jnp.where(slot == sub_len, glb_gn, glob))
     valid = slot < sub_len + 1 + m * (m + 1)
-    return jnp.where(valid, index, 0)
+    glb = slot == sub_len
+    glob_sep = valid & (g >= 0) & (gc == m)
+
+    index = jnp.where(in_sub, crop * m * m + (r % m) * m + c % m, gr * m + gc)
+    separator = sub_sep | glob_sep | glb
+    return jnp.where(valid & ~separator, index, 0), sub_sep | glob_sep, glb
 
 
 class Phi3ImageEmbedding(nnx.Module):
@@ -171,28 +178,37 @@ class Phi3ImageEmbedding(nnx.Module):
             x = layer(x)
         return x
 
-    def __call__(self, pixel_values: jax.Array, image_sizes: jax.Array) -> jax.Array:
-        """pixel_values (B, max_crops, C, S, S), global view first -> (B, max_image_tokens, D)."""
-        b, n = pixel_values.shape[:2]
-        if n != self.cfg.max_crops:
-            raise ValueError(
-                f"pixel_values has {n} crops per image; this config expects {self.cfg.max_crops}"
-            )
-        crops = pixel_values.reshape(b * n, *pixel_values.shape[2:])
+    def tile_features(self, crops: jax.Array) -> jax.Array:
+        """Crops (N, C, S, S) -> merged CLIP tokens (N, m², 4·D_clip): the selected layer, CLS dropped, 2×2 merge."""
         patches = self.img_processor.hidden_state(crops, self.cfg.feature_layer)[:, 1:]
-        return self.hd_features(patches.reshape(b, n, *patches.shape[1:]), image_sizes)
+        return merge_2x2(patches, 2 * self.cfg.merged_side)
 
-    def hd_features(self, patches: jax.Array, image_sizes: jax.Array) -> jax.Array:
-        """CLIP patch features (B, max_crops, grid², D_clip), CLS dropped -> (B, max_image_tokens, D)."""
-        b, n, _, _ = patches.shape
-        m = self.cfg.merged_side
-        tokens = merge_2x2(patches.reshape(b * n, *patches.shape[2:]), 2 * m).reshape(b, n * m * m, -1)
-        separators = jnp.concatenate([self.sub_GN[...].reshape(1, -1), self.glb_GN[...].reshape(1, -1)])
-        separators = jnp.broadcast_to(separators.astype(tokens.dtype), (b, *separators.shape))
-        # The projector acts per token, so projecting the table before the layout gather equals HF's
-        # project-after-concatenate, without projecting the repeated separators.
-        table = self._project(jnp.concatenate([tokens, separators], axis=1))
-        return jnp.take_along_axis(table, hd_layout(image_sizes, self.cfg)[..., None], axis=1)
+    def gather_features(self, pixel_values: jax.Array, image_sizes: jax.Array) -> jax.Array:
+        """pixel_values (B, P, C, S, S), global view first, P <= max_crops -> merged tokens
+        (B, max_image_tokens, 4·D_clip) in :func:`hd_layout` order. Crop slots past an image's own
+        crops are run but never read."""
+        b, n = pixel_values.shape[:2]
+        if n > self.cfg.max_crops:
+            raise ValueError(
+                f"pixel_values has {n} crops per image; this config has at most {self.cfg.max_crops}"
+            )
+        tokens = self.tile_features(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        table = tokens.reshape(b, n * tokens.shape[1], -1)
+        index, _, _ = hd_layout(image_sizes, self.cfg, self.cfg.max_image_tokens)
+        return jnp.take_along_axis(table, index[..., None], axis=1)
+
+    def pack_features(self, gathered: jax.Array, image_sizes: jax.Array) -> jax.Array:
+        """Gathered merged tokens (B, L, 4·D_clip) -> the separators written in and projected: (B, L, D)."""
+        _, sub, glb = hd_layout(image_sizes, self.cfg, gathered.shape[1])
+        sub_gn = self.sub_GN[...].reshape(-1).astype(gathered.dtype)
+        glb_gn = self.glb_GN[...].reshape(-1).astype(gathered.dtype)
+        x = jnp.where(sub[..., None], sub_gn, jnp.where(glb[..., None], glb_gn, gathered))
+        # The projector acts per token, so projecting the laid-out sequence equals HF's project-after-concatenate.
+        return self._project(x)
+
+    def __call__(self, pixel_values: jax.Array, image_sizes: jax.Array) -> jax.Array:
+        """pixel_values (B, P, C, S, S), global view first -> (B, max_image_tokens, D)."""
+        return self.pack_features(self.gather_features(pixel_values, image_sizes), image_sizes)
 
 
 class Phi3VModel(DecoderModel):
@@ -203,16 +219,24 @@ class Phi3VModel(DecoderModel):
         self.vision_embed_tokens = Phi3ImageEmbedding(cfg, rngs)
 
     def embed(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_sizes: jax.Array | None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_sizes: jax.Array | None,
+        gathered_features: jax.Array | None = None,
     ) -> jax.Array:
         """Token embeddings with image features over the negative-id placeholders (B, T, D)."""
         embeds = self.embed_tokens(jnp.maximum(input_ids, 0))
-        if pixel_values is None:
+        if pixel_values is None and gathered_features is None:
             return embeds
         if image_sizes is None:
             raise ValueError("pixel_values needs image_sizes (B, 2): the padded HD size of each image")
-        features = self.vision_embed_tokens(pixel_values, image_sizes)
-        return merge_image_features(embeds, features, input_ids < 0)
+        vision = self.vision_embed_tokens
+        if gathered_features is None:
+            gathered_features = vision.gather_features(pixel_values, image_sizes)
+        return merge_image_features(
+            embeds, vision.pack_features(gathered_features, image_sizes), input_ids < 0
+        )
 
 
 class Phi3VForCausalLM(nnx.Module):
@@ -223,6 +247,14 @@ class Phi3VForCausalLM(nnx.Module):
         build_lm_head(self, cfg.text, rngs)
         self.cfg = cfg
 
+    def tile_features(self, crops: jax.Array) -> jax.Array:
+        """Crops (N, C, S, S) -> merged CLIP tokens (N, m², 4·D_clip) (:meth:`Phi3ImageEmbedding.tile_features`)."""
+        return self.model.vision_embed_tokens.tile_features(crops)
+
+    def feature_index(self, length: int, image_sizes: jax.Array) -> jax.Array:
+        """(B, length): for each image-token slot, the row of the image's own merged-token table it reads."""
+        return hd_layout(image_sizes, self.cfg, length)[0]
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -230,13 +262,17 @@ class Phi3VForCausalLM(nnx.Module):
         attention_mask: jax.Array,
         pixel_values: jax.Array | None = None,
         image_sizes: jax.Array | None = None,
+        gathered_features: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states (B, T, D) of right-padded rows.
 
         input_ids (B, T): token ids, image placeholders negative; attention_mask (B, T): 1 on real
-        tokens, placeholders included; pixel_values (B, num_crops+1, 3, S, S): global view first,
-        unused crop slots zero; image_sizes (B, 2): padded HD (height, width), multiples of S,
-        (0, 0) for text-only rows. pixel_values None = a text-only batch.
+        tokens, placeholders included; pixel_values (B, P, 3, S, S), P <= num_crops+1: global view
+        first, unused crop slots zero; image_sizes (B, 2): padded HD (height, width), multiples of S,
+        (0, 0) for text-only rows. pixel_values None = a text-only batch. ``gathered_features``
+        (B, L, 4·D_clip) replaces pixel_values: each row's merged crop tokens already gathered in
+        :meth:`feature_index` order (the packed training layout runs :meth:`tile_features` once per
+        real crop and gathers).
         """
-        embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+        embeds = self.model.embed(input_ids, pixel_values, image_sizes, gathered_features)
         return self.model(attention_mask=attention_mask, inputs_embeds=embeds)

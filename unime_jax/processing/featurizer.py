@@ -8,8 +8,8 @@ between backbones is a :class:`BackboneInputs` strategy, which each backbone's f
 a prompt.
 
 The fixed-shape output per row is ``input_ids`` (L,) int32, ``attention_mask`` (L,) int32, the
-strategy's image arrays (zeros without an image), and ``truncated`` (0-d bool) for the pipeline's
-accounting. L = ``seq_len`` = ``max_len`` + the backbone's worst-case image token count:
+strategy's image arrays (zeros without an image), ``num_tiles`` (0-d int32, the image's real
+tiles) and ``truncated`` (0-d bool) for the pipeline's accounting. L = ``seq_len`` = ``max_len`` + the backbone's worst-case image token count:
 ``max_len`` bounds the *text* (text-only inputs are cut to it, keeping their template); inputs
 with an image are never cut, as in the references, and must fit ``seq_len``.
 """
@@ -29,9 +29,12 @@ from unime_jax.processing.text import TRUNCATED, TextFeaturizer
 if TYPE_CHECKING:  # the featurizer itself needs neither jax nor transformers
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Arrays", "BackboneFeaturizer", "BackboneInputs"]
+__all__ = ["NUM_TILES", "Arrays", "BackboneFeaturizer", "BackboneInputs"]
 
 Arrays = dict[str, np.ndarray]
+# 0-d int32 in the fixed-shape output: the image's real tiles (0 without one), which the packed
+# training layout keeps while dropping the zero slots.
+NUM_TILES = "num_tiles"
 
 
 class BackboneInputs(Protocol):
@@ -44,8 +47,17 @@ class BackboneInputs(Protocol):
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None: ...
 
+    @property
+    def min_image_tokens(self) -> int:
+        """Fewest image tokens one image can take (the smallest grid, fully unpadded)."""
+        ...
+
     def num_tokens(self, height: int, width: int) -> int:
         """Image tokens of an original image of this size, without touching its pixels."""
+        ...
+
+    def num_tiles(self, arrays: Arrays) -> int:
+        """Real tiles (crops) in one image's arrays, which come first in ``pixel_values``; 0 for :meth:`empty`."""
         ...
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:
@@ -138,6 +150,7 @@ class BackboneFeaturizer:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             **arrays,
+            NUM_TILES: np.int32(self.inputs.num_tiles(arrays)),
             TRUNCATED: np.bool_(truncated),
         }
 
@@ -147,7 +160,10 @@ class BackboneFeaturizer:
         """A batch: ids right-padded to ``length`` (default: the bucket of the longest row).
 
         Image arrays are stacked (zeros for rows without one) only when some row has an image, so
-        text-only batches run the bare language model.
+        text-only batches run the bare language model. ``pixel_values`` keeps as many tile slots
+        as the batch's largest real tile count, each row's real tiles first and zeros after them:
+        the models run CLIP on every slot they are given, so batching rows of equal tile counts
+        together spares the padded ones.
         """
         length = length or bucket_length(max(len(row) for row in ids), self.buckets)
         padded = [pad_ids(row, length, self.pad_id) for row in ids]
@@ -158,5 +174,10 @@ class BackboneFeaturizer:
         if any(image is not None for image in images):
             empty = self.inputs.empty()
             rows = [empty if image is None else image for image in images]
-            batch |= {key: np.stack([row[key] for row in rows]) for key in empty}
+            batch |= {key: np.stack([row[key] for row in rows]) for key in empty if key != "pixel_values"}
+            tiles = [self.inputs.num_tiles(row) for row in rows]
+            pixels = np.zeros((len(rows), max(tiles), *empty["pixel_values"].shape[1:]), np.float32)
+            for slots, row, count in zip(pixels, rows, tiles, strict=True):
+                slots[:count] = row["pixel_values"][:count]
+            batch["pixel_values"] = pixels
         return batch

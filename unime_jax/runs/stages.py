@@ -20,9 +20,12 @@ from jax.sharding import Mesh
 
 from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
 from unime_jax.config import to_dict
+from unime_jax.data.packing import PackSpec, pack_classes, packed_lengths
 from unime_jax.model_io import MODEL_FILE, init_model, load_model, save_model
 from unime_jax.models import lora
+from unime_jax.processing.featurizer import BackboneFeaturizer
 from unime_jax.runs.schema import Config
+from unime_jax.sharding import LOGICAL_RULES
 from unime_jax.tokenizer import load_tokenizer
 from unime_jax.training import loop
 from unime_jax.training.checkpoints import Checkpoints
@@ -103,10 +106,38 @@ def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.L
             f"configs/{stage}_common.yaml); set it, or lora.enabled: false for full fine-tuning"
         )
     targets = settings.targets or backbone.spec.lora_targets(backbone.config, vision=settings.vision)
-    return lora.LoRAConfig(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, targets=targets)
+    return lora.LoRAConfig(
+        rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, targets=targets
+    )
 
 
-def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection):
+def _pack_spec(
+    section: StageSection,
+    mesh: Mesh,
+    text_len: int,
+    featurizer: BackboneFeaturizer | None,
+    roles: tuple[str, ...],
+) -> PackSpec | None:
+    """The packed layout for this stage (None: padded): classes up to the featurizer's lengths."""
+    layout = section.layout
+    if layout.mode != "packed":
+        return None
+    shards = math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"]) // jax.process_count()
+    image_lengths: tuple[int, ...] = ()
+    extras: tuple[str, ...] = ()
+    if featurizer is not None and featurizer.inputs.max_image_tokens:
+        least = featurizer.inputs.min_image_tokens
+        image_lengths = tuple(n for n in packed_lengths(featurizer.seq_len) if n >= least)
+        extras = tuple(key for key in featurizer.inputs.empty() if key != "pixel_values")
+    classes = pack_classes(
+        packed_lengths(text_len), image_lengths, layout.chunk_tokens, layout.max_chunk_rows
+    )
+    return PackSpec(
+        classes, shards, extras, layout.tile_chunk, roles, first_shard=jax.process_index() * shards
+    )
+
+
+def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection, mesh: Mesh):
     """The stage's grain pipeline; each process reads batch_size / process_count rows per step."""
     from unime_jax.data.negatives import open_mined
     from unime_jax.data.pipeline import mmeb_source, stage1_pipeline, stage2_pipeline
@@ -117,7 +148,9 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
         raise ValueError(f"{stage}.batch_size={batch_size} does not split over {nproc} processes")
     data = replace(cfg.data, loader=replace(cfg.data.loader, batch_size=batch_size // nproc))
     if stage == "stage1":
-        return stage1_pipeline(data, backbone.tokenizer, seed=cfg.seed)
+        roles = ("anchor",) if section.loss.candidates == "self" else ()
+        pack = _pack_spec(section, mesh, cfg.data.text.max_len, None, roles)
+        return stage1_pipeline(data, backbone.tokenizer, seed=cfg.seed, pack=pack)
     # MMEB instructions are fed raw (no chat template), as VLM2Vec and UniME's stage 2 do.
     featurizer = backbone.spec.featurizer(
         backbone.config, backbone.tokenizer, max_len=cfg.data.text.max_len, raw=True
@@ -125,9 +158,24 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
     source = mmeb_source(data)
     negatives = section.negatives
     table = None if negatives.mode == "in_batch" else open_mined(negatives.dir, source, negatives.k)
+    pack = _pack_spec(section, mesh, cfg.data.text.max_len, featurizer, ())
     return stage2_pipeline(
-        data, featurizer, seed=cfg.seed, source=source, negatives=table, num_negatives=negatives.k
+        data, featurizer, seed=cfg.seed, source=source, negatives=table, num_negatives=negatives.k, pack=pack
     )
+
+
+def _check_packable(
+    stage: str, section: StageSection, model: nnx.Module, lcfg: lora.LoRAConfig | None
+) -> None:
+    """The packed layout runs the vision tower once per tile without gradients: it must be frozen."""
+    if section.layout.mode != "packed" or not hasattr(model, "tile_features"):
+        return
+    if lcfg is None or section.lora.vision:
+        why = "full fine-tuning trains" if lcfg is None else "lora.vision adapts"
+        raise ValueError(
+            f"{stage}.layout.mode packed needs a frozen vision tower, but {why} it; "
+            f"set {stage}.layout.mode: padded for this run"
+        )
 
 
 def _identity(stage: str, backbone: Backbone, lcfg: lora.LoRAConfig | None, section: StageSection) -> dict:
@@ -183,7 +231,8 @@ def run_stage(
     model = backbone.model
     if lcfg is not None:
         lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
-    pipeline = _pipeline(stage, cfg, backbone, section)
+    _check_packable(stage, section, model, lcfg)
+    pipeline = _pipeline(stage, cfg, backbone, section, mesh)
     total = section.steps or max(1, math.ceil(section.epochs * pipeline.batches_per_epoch))
     if stage == "stage1":
         task = Stage1Task(section.loss)

@@ -9,10 +9,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from unime_jax.data.packing import PACKED_PREFIX
 from unime_jax.sharding import global_batch
 from unime_jax.training.checkpoints import Checkpoints
 from unime_jax.training.metrics import MetricsWriter
 from unime_jax.training.trainer import Trainer, TrainState
+
+PACKED_ROW_LEN, PACKED_ROLE = PACKED_PREFIX + "row_len", PACKED_PREFIX + "role_"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -20,10 +23,16 @@ class TrainingDivergedError(RuntimeError):
 
 
 def _tokens(local: dict[str, np.ndarray]) -> int:
+    if PACKED_ROW_LEN in local:  # the packed layout keeps real tokens only
+        return int(local[PACKED_ROW_LEN].sum()) * jax.process_count()
     return int(sum(v.sum() for k, v in local.items() if k.endswith("attention_mask"))) * jax.process_count()
 
 
 def _rows(local: dict[str, np.ndarray]) -> int:
+    """Examples (queries, anchors) in the global batch."""
+    roles = [v for k, v in local.items() if k.startswith(PACKED_ROLE)]
+    if roles:  # (shards, rows / shards, 2) per role; mined negatives have k times the rows
+        return min(v.shape[0] * v.shape[1] for v in roles) * jax.process_count()
     masks = [v for k, v in local.items() if k.endswith("attention_mask")]
     return masks[0].shape[0] * jax.process_count() if masks else 0
 
@@ -67,7 +76,9 @@ def run(
             step_time_s=elapsed, items_per_s=_rows(local) / elapsed, tokens_per_s=_tokens(local) / elapsed
         )
         if trainer.peak_flops:
-            values["mfu"] = trainer.flops_per_token * values["tokens_per_s"] / (trainer.peak_flops * jax.device_count())
+            values["mfu"] = (
+                trainer.flops_per_token * values["tokens_per_s"] / (trainer.peak_flops * jax.device_count())
+            )
         history.append(values)
         if (step + 1) % stage.log_every == 0:
             writer.write(step + 1, {**values, **(counts().metrics() if counts else {})}, label)

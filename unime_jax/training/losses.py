@@ -55,6 +55,7 @@ __all__ = ["nli_candidates", "stage1_kd_loss", "stage2_hardneg_loss"]
 Direction = Literal["teacher_student", "student_teacher"]
 Metrics = dict[str, jax.Array]
 
+
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     """Cosine-similarity matrix (rows of ``a`` against rows of ``b``), float32."""
     return l2_normalize(a) @ l2_normalize(b).T

@@ -20,11 +20,26 @@ class LoraSection:
 
 
 @dataclass
+class LayoutSection:
+    mode: Literal["padded", "packed"] = (
+        "padded"  # padded: every row at the worst-case shape; packed: rows regrouped by modality and length class, real tiles only
+    )
+    chunk_tokens: int = 8192  # packed: most tokens per batch shard (device) in one chunk
+    max_chunk_rows: int = 16  # packed: most rows per batch shard in one chunk (short rows get small chunks)
+    tile_chunk: int = 8  # packed: vision-tower tiles per batch shard per chunk
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "max_chunk_rows", "tile_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layout.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class StageSection:
     steps: int | None = None  # train steps; null = epochs x batches per epoch
     epochs: float = 1.0  # passes over the data when steps is null
     batch_size: int = 32  # global batch (rows); split evenly over processes
-    grad_chunks: int = 1  # GradCache chunks; >1 lets a large batch fit (rows must divide evenly)
+    grad_chunks: int = 1  # GradCache chunks; >1 lets a large batch fit (rows must divide evenly); packed layout: >1 = GradCache over its chunks
     max_nonfinite: int = 5  # stop after this many consecutive NaN/inf steps
     save_every: int = 100  # checkpoint interval in steps
     keep_checkpoints: int = 3  # checkpoints kept per stage (orbax deletes older ones)
@@ -32,6 +47,9 @@ class StageSection:
     peak_tflops: float | None = None  # per-device peak for MFU; null = measured rate of known cards
     lora: LoraSection = field(default_factory=LoraSection)  # adapters (or full fine-tuning)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW + schedule
+    layout: LayoutSection = field(
+        default_factory=LayoutSection
+    )  # how a batch's rows are shaped for the device
 
 
 @dataclass

@@ -21,6 +21,7 @@ from unime_jax.sharding import shard_state
 from unime_jax.training.gradcache import EmbedFn, direct_value_and_grad, gradcache_value_and_grad
 from unime_jax.training.metrics import lm_flops_per_token, peak_flops
 from unime_jax.training.optimizer import make_optimizer
+from unime_jax.training.packed import PackedEmbedder, is_packed
 from unime_jax.training.sections import StageSection
 from unime_jax.training.tasks import Batch, Task
 
@@ -67,6 +68,7 @@ class Trainer:
         trainable, total = lora.param_counts(model)
         self.flops_per_token = lm_flops_per_token(total - trainable, trainable, stage.grad_chunks > 1)
         self.peak_flops = peak_flops(stage.peak_tflops)
+        self.has_vision = hasattr(model, "tile_features")  # a multimodal backbone (the packed layout asks)
         self.graphdef, params, self.frozen = nnx.split(model, lora.trainable_filter(model), ...)
         self.params = shard_state(params, mesh)
         self.tx, self.schedule = make_optimizer(stage.optimizer, total_steps)
@@ -84,6 +86,20 @@ class Trainer:
 
         return embed
 
+    def packed_embedder(self, frozen: Any) -> PackedEmbedder:
+        """The packed layout's passes; the vision parts are the model's own (absent for a text LM)."""
+
+        def merged(params: Any) -> nnx.Module:
+            return nnx.merge(self.graphdef, params, frozen, copy=True)
+
+        vision = self.has_vision
+        return PackedEmbedder(
+            self.embed_fn(frozen),
+            (lambda p, tiles: merged(p).tile_features(tiles)) if vision else None,
+            (lambda p, length, **rows: merged(p).feature_index(length, **rows)) if vision else None,
+            self.stage.layout.tile_chunk,
+        )
+
     def init_state(self, seed: int) -> TrainState:
         shardings = opt_state_shardings(self.tx, self.params, self.mesh)
         opt_state = jax.jit(self.tx.init, out_shardings=shardings)(self.params)
@@ -100,12 +116,22 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     def _step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.rng, state.step)
-        groups = self.task.groups(batch)
         loss_fn = lambda emb: self.task.loss(emb, batch)  # noqa: E731
-        grad_fn = gradcache_value_and_grad if self.stage.grad_chunks > 1 else direct_value_and_grad
-        (loss, metrics), grads = grad_fn(
-            self.embed_fn(frozen), loss_fn, state.params, groups, key, self.stage.grad_chunks
-        )
+        gradcache = self.stage.grad_chunks > 1
+        if is_packed(batch):
+            (loss, metrics), grads = self.packed_embedder(frozen).value_and_grad(
+                loss_fn, state.params, batch, key, gradcache=gradcache
+            )
+        else:
+            grad_fn = gradcache_value_and_grad if gradcache else direct_value_and_grad
+            (loss, metrics), grads = grad_fn(
+                self.embed_fn(frozen),
+                loss_fn,
+                state.params,
+                self.task.groups(batch),
+                key,
+                self.stage.grad_chunks,
+            )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

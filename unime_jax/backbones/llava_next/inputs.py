@@ -74,8 +74,16 @@ class LlavaNextInputs:
                 f"do (add it with tokenizer.add_special_tokens otherwise)"
             )
 
+    @property
+    def min_image_tokens(self) -> int:
+        return self.cfg.tile_side**2  # the base tile; the grid adds at least one feature row
+
     def num_tokens(self, height: int, width: int) -> int:
         return self.processor.num_tokens(height, width)
+
+    def num_tiles(self, arrays: Arrays) -> int:
+        rows, cols = (int(v) for v in arrays["image_grids"])
+        return 1 + rows * cols if rows else 0  # the base tile, then the pinpoint grid
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:
         processed = self.processor(image)

@@ -72,8 +72,17 @@ class Phi3VInputs:
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         return None
 
+    @property
+    def min_image_tokens(self) -> int:
+        return self.cfg.num_image_tokens(1, 1)
+
     def num_tokens(self, height: int, width: int) -> int:
         return self.processor.num_tokens(height, width)
+
+    def num_tiles(self, arrays: Arrays) -> int:
+        height, width = (int(v) for v in arrays["image_sizes"])
+        size = self.cfg.crop_size
+        return 1 + (height // size) * (width // size) if height else 0  # the global view, then the crops
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:
         processed = self.processor(image)  # already num_crops + 1 crops
