@@ -31,6 +31,7 @@ from flax import nnx
 from unime_jax.conversion.safetensors_io import ArrayDict
 from unime_jax.conversion.to_jax import load_from_source
 from unime_jax.models import pooling
+from unime_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from unime_jax.sharding import make_mesh
 
 
@@ -360,7 +361,8 @@ def llava_batch(cfg, rows: list[tuple[tuple[int, int], int]], seed: int) -> dict
     for i, (p, row) in enumerate(zip(processed, ids, strict=True)):
         batch["input_ids"][i, : len(row)] = row
         batch["attention_mask"][i, : len(row)] = 1
-        batch["pixel_values"][i, : len(p.pixel_values)] = p.pixel_values
+        # uint8 crops, normalised here because the torch reference takes them in CLIP space.
+        batch["pixel_values"][i, : len(p.pixel_values)] = normalize_pixels(p.pixel_values, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # fmt: skip
     return batch
 
 
@@ -543,7 +545,9 @@ def w2_train_step(ref, loaded, queries: dict, t_q: dict, text: int, tiny: bool, 
     trainable, total = param_counts(loaded.model)
     mesh = make_mesh(devices=jax.devices()[:1])
     stage = StageSection(optimizer=OptimizerConfig(learning_rate=2e-5))
-    trainer = Trainer(loaded.model, Stage2Task(Stage2Config(tau=tau, beta=beta, k=k)), stage, total_steps=100, mesh=mesh)
+    trainer = Trainer(
+        loaded.model, Stage2Task(Stage2Config(tau=tau, beta=beta, k=k)), stage, total_steps=100, mesh=mesh
+    )
     holder = {"state": trainer.init_state(seed=0)}
     local = {f"query_{k2}": v for k2, v in queries.items()}
     local.update(target_input_ids=t_ids, target_attention_mask=t_mask)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from unime_jax.demo.prepare import I2T_QUERY
 from unime_jax.embedder import UniME
+from unime_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2_STEPS = 30
@@ -130,7 +131,9 @@ def test_export_loads_in_transformers_with_the_same_embeddings(finished):
         length = int(features["attention_mask"].sum())
         inputs = {"input_ids": torch.tensor(features["input_ids"][None, :length].astype(np.int64))}
         if img is not None:
-            inputs["pixel_values"] = torch.tensor(features["pixel_values"][None])
+            # Ours ship uint8 and normalise on the device; transformers takes them normalised.
+            pixels = normalize_pixels(features["pixel_values"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+            inputs["pixel_values"] = torch.tensor(pixels[None])
             inputs["image_sizes"] = torch.tensor(features["image_sizes"][None].astype(np.int64))
         with torch.no_grad():
             hidden = hf(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]

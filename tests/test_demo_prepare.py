@@ -23,7 +23,7 @@ from unime_jax.demo.benchmark import DATASETS, evaluate, write_benchmark
 from unime_jax.demo.config import DemoSection
 from unime_jax.demo.prepare import I2T_QUERY, IMAGE_TARGET, SUBSETS, PreparedData, heldout, prepare, t2i_query
 from unime_jax.demo.report import plot, results_table, write_results
-from unime_jax.embedder import UniME
+from unime_jax.embedder import Encoded, UniME
 from unime_jax.eval.mmeb_data import Item, read_dataset
 from unime_jax.eval.retrieval_data import read_pairs_jsonl
 from unime_jax.model_io import init_model
@@ -191,6 +191,13 @@ class _OracleEmbedder:
                 caption = text.removeprefix(t2i_query("")) if raw else text
                 ids.append(self.meaning.get(caption, self.dim - 1))
         return np.eye(self.dim, dtype=np.float32)[ids]
+
+    def encode_stream(self, chunks, *, raw=None, batch_size=32, skip_bad=False, on_rows=None):
+        for rows in chunks:
+            texts, images = zip(*rows, strict=True) if rows else ((), ())
+            if on_rows is not None:
+                on_rows(len(rows))
+            yield Encoded(self.encode(texts, images, raw=raw), {})
 
 
 def test_a_perfect_embedder_scores_one_everywhere(tmp_path) -> None:

@@ -21,7 +21,8 @@ from unime_jax.backbones.llava_next.images import (
     unpad_shape,
 )
 from unime_jax.backbones.phi3_v.images import Phi3VImageProcessor, hd_transform, resize_bicubic_like_torch
-from unime_jax.processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
+from unime_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
+from unime_jax.processing.images import to_rgb
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -110,8 +111,9 @@ def test_llava_pixel_values_match_transformers(name, hf_llava_image_processor):
     pixels = IMAGES[name]()
     expected = hf_llava_image_processor(Image.fromarray(pixels), return_tensors="np")
     processed = LlavaNextImageProcessor()(pixels)
-    assert _max_error(processed.pixel_values, expected["pixel_values"][0]) <= TOL
-    assert processed.pixel_values.dtype == np.float32
+    assert processed.pixel_values.dtype == np.uint8  # normalised on the device
+    normalized = normalize_pixels(processed.pixel_values, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    assert _max_error(normalized, expected["pixel_values"][0]) <= TOL
     assert processed.image_size == tuple(expected["image_sizes"][0]) == pixels.shape[:2]
 
 
@@ -178,16 +180,14 @@ def test_unpad_shape_matches_unpad_image():
 
 def test_llava_letterbox_is_black_in_pixel_space():
     """A white 1200x360 image picks (1008, 336) and fits it as 1008x303 (ceil of 302.4): black bars
-    of (336 - 303) // 2 = 16 columns on the left and 17 on the right, normalised like pixel 0."""
+    of (336 - 303) // 2 = 16 columns on the left and 17 on the right, pixel value 0."""
     processed = LlavaNextImageProcessor()(np.full((1200, 360, 3), 255, np.uint8))
     assert processed.pixel_values.shape == (4, 3, 336, 336)  # base + 3 crops stacked vertically
-    black = (0 - np.asarray(OPENAI_CLIP_MEAN)) / np.asarray(OPENAI_CLIP_STD)
-    white = (1 - np.asarray(OPENAI_CLIP_MEAN)) / np.asarray(OPENAI_CLIP_STD)
     for crop in processed.pixel_values[1:]:
-        assert np.allclose(crop[:, :, :16], black[:, None, None], atol=1e-6)
-        assert np.allclose(crop[:, :, 16:319], white[:, None, None], atol=1e-6)
-        assert np.allclose(crop[:, :, 319:], black[:, None, None], atol=1e-6)
-    assert np.allclose(processed.pixel_values[0], white[:, None, None], atol=1e-6)  # base: squashed, no bars
+        assert (crop[:, :, :16] == 0).all()
+        assert (crop[:, :, 16:319] == 255).all()
+        assert (crop[:, :, 319:] == 0).all()
+    assert (processed.pixel_values[0] == 255).all()  # base: squashed, no bars
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,5 +394,3 @@ def test_invalid_inputs_are_rejected():
         Phi3VImageProcessor(num_crops=0)
     with pytest.raises(ValueError, match="multiples"):
         LlavaNextImageProcessor(image_grid_pinpoints=((336, 700),))
-
-

@@ -13,7 +13,10 @@ from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 
 __all__ = ["CLIP_FIELDS", "SPEC", "attention_targets", "clip_from_hf", "clip_to_hf"]
 
-CLIP_FIELDS = [f.name for f in fields(CLIPVisionConfig) if f.name not in ("dtype", "param_dtype", "attention")]
+# config.json's fields: not the run-time choices, nor the normalisation statistics, which HF keeps in
+# preprocessor_config.json.
+_NOT_IN_CONFIG_JSON = ("dtype", "param_dtype", "attention", "image_mean", "image_std")
+CLIP_FIELDS = [f.name for f in fields(CLIPVisionConfig) if f.name not in _NOT_IN_CONFIG_JSON]
 
 
 def clip_from_hf(hf: dict) -> CLIPVisionConfig:

@@ -2,19 +2,56 @@
 
 Both backbones read hidden_states[-2] (the output of the second-to-last encoder layer) and drop
 the CLS token; `hidden_state(pixels, layer)` runs only the layers that output needs.
+
+Pixels come in either of two forms: float pixels already in CLIP space (what HF processors emit),
+or uint8 pixels before rescaling and normalisation, which the tower normalises itself with its
+config's `image_mean`/`image_std` (a quarter of the bytes to ship to the device).
+`normalize_pixels` is the one normalisation both the host processors and the tower use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unime_jax.models.attention import Implementation, attend
 from unime_jax.models.layers import Embed, LayerNorm, Linear, activation, param
+
+# The OpenAI CLIP statistics, which the processors of both backbones normalise with.
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+Pixels = TypeVar("Pixels", np.ndarray, jax.Array)
+
+
+def pixel_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(channels, 256) float32: the normalised value of every uint8 level, per channel.
+
+    float32 arithmetic in torchvision's order (x / 255 − mean) / std; transformers' numpy path
+    rescales in float64 first, which differs by at most one float32 ulp.
+    """
+    levels = np.arange(256, dtype=np.float32)[None] / np.float32(255.0)
+    return (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+
+
+def normalize_pixels(pixels: Pixels, mean: Sequence[float], std: Sequence[float]) -> Pixels:
+    """uint8 (..., channels, H, W) → float32 in CLIP space, numpy on the host or jax on the device.
+
+    A lookup in :func:`pixel_table`, not arithmetic, so the device gives the host's values bit for
+    bit: XLA's float32 division is not correctly rounded on every backend (CPU's is not).
+    """
+    xp = np if isinstance(pixels, np.ndarray) else jnp
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
+    channel = xp.arange(len(mean))[:, None, None]
+    return xp.asarray(pixel_table(mean, std))[channel, pixels]
 
 
 @dataclass(frozen=True)
@@ -33,6 +70,8 @@ class CLIPVisionConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # parameter storage dtype
     attention: Implementation = "auto"  # attention kernel
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN  # the processor's, for uint8 pixels
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD  # the processor's, for uint8 pixels
 
     @property
     def num_patches(self) -> int:
@@ -44,7 +83,7 @@ def _dtypes(cfg: CLIPVisionConfig) -> dict:
 
 
 class CLIPVisionEmbeddings(nnx.Module):
-    """Patchify (a stride-p conv as one matmul), prepend CLS, add learned positions."""
+    """Normalise uint8 pixels, patchify (a stride-p conv as one matmul), prepend CLS, add learned positions."""
 
     def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
@@ -54,8 +93,12 @@ class CLIPVisionEmbeddings(nnx.Module):
         self.patch_embedding = PatchConv(p, c, d, rngs=rngs, **dt)
         self.position_embedding = Embed(cfg.num_patches + 1, d, axes=("positions", "embed"), rngs=rngs, **dt)
         self.dtype = dt["dtype"]
+        self.image_mean, self.image_std = cfg.image_mean, cfg.image_std
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Pixels (batch, channels, H, W): uint8 before normalisation, or float already in CLIP space."""
+        if pixel_values.dtype == jnp.uint8:
+            pixel_values = normalize_pixels(pixel_values, self.image_mean, self.image_std)
         patches = self.patch_embedding(pixel_values)
         cls = jnp.broadcast_to(
             self.class_embedding[...].astype(self.dtype), (patches.shape[0], 1, patches.shape[-1])
@@ -154,7 +197,8 @@ class CLIPVisionTransformer(nnx.Module):
 
 
 class CLIPVisionModel(nnx.Module):
-    """HF `CLIPVisionModel`. Pixels are (batch, channels, H, W), as HF processors emit them."""
+    """HF `CLIPVisionModel`. Pixels are (batch, channels, H, W): normalised floats, as HF processors
+    emit them, or uint8 before normalisation."""
 
     def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
         self.vision_model = CLIPVisionTransformer(cfg, rngs)

@@ -176,7 +176,9 @@ class BackboneFeaturizer:
             rows = [empty if image is None else image for image in images]
             batch |= {key: np.stack([row[key] for row in rows]) for key in empty if key != "pixel_values"}
             tiles = [self.inputs.num_tiles(row) for row in rows]
-            pixels = np.zeros((len(rows), max(tiles), *empty["pixel_values"].shape[1:]), np.float32)
+            pixels = np.zeros(
+                (len(rows), max(tiles), *empty["pixel_values"].shape[1:]), empty["pixel_values"].dtype
+            )
             for slots, row, count in zip(pixels, rows, tiles, strict=True):
                 slots[:count] = row["pixel_values"][:count]
             batch["pixel_values"] = pixels

@@ -1,13 +1,15 @@
 """Shared image-processing pieces for the Phi-3.5-V and LLaVA-NeXT processors (numpy/PIL only).
 
 Both backbones feed CLIP ViT-L/14-336 with a stack of square crops normalised by the OpenAI CLIP
-statistics; they differ only in how the crops are cut (each backbone's ``images`` module:
-``unime_jax.backbones.llava_next.images``, ``unime_jax.backbones.phi3_v.images``).
+statistics; they differ in how the crops are cut (each backbone's ``images`` module:
+``unime_jax.backbones.llava_next.images``, ``unime_jax.backbones.phi3_v.images``) and in where
+the crops are normalised: on the device for LLaVA-NeXT, whose crops are uint8 until then, on the
+host for Phi-3.5-V, whose global view is resized after normalisation (the CLIP tower,
+``unime_jax.models.clip``, takes both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,11 +17,9 @@ from PIL import Image
 
 __all__ = [
     "DECODE_ERRORS",
-    "OPENAI_CLIP_MEAN",
-    "OPENAI_CLIP_STD",
     "ImageInput",
     "ProcessedImage",
-    "normalize",
+    "channels_first",
     "split_into_crops",
     "to_rgb",
 ]
@@ -29,9 +29,6 @@ __all__ = [
 # headers and huge sizes.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
 ImageInput = Image.Image | np.ndarray
 
 
@@ -39,10 +36,11 @@ ImageInput = Image.Image | np.ndarray
 class ProcessedImage:
     """One image ready for the vision tower.
 
-    ``pixel_values`` is (num_crops, 3, crop, crop) float32; ``image_size`` is what the model glue
-    needs to undo the crop layout (its meaning is processor-specific: the padded HD size for
-    Phi-3.5-V, the original size for LLaVA-NeXT); ``num_tokens`` is the number of image
-    placeholder tokens the text must reserve.
+    ``pixel_values`` is (num_crops, 3, crop, crop): uint8 before normalisation where every crop is
+    exactly representable so (LLaVA-NeXT), float32 in CLIP space otherwise (Phi-3.5-V);
+    ``image_size`` is what the model glue needs to undo the crop layout (its meaning is
+    processor-specific: the padded HD size for Phi-3.5-V, the original size for LLaVA-NeXT);
+    ``num_tokens`` is the number of image placeholder tokens the text must reserve.
     """
 
     pixel_values: np.ndarray
@@ -62,15 +60,9 @@ def to_rgb(image: ImageInput) -> Image.Image:
     raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(H, W, 3) uint8 → (3, H, W) float32 in CLIP space.
-
-    float32 arithmetic in torchvision's order (x / 255 − mean) / std; transformers' numpy path
-    rescales in float64 first, which differs by at most one float32 ulp.
-    """
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    normalized = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(normalized.transpose(2, 0, 1))
+def channels_first(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, C) → contiguous (C, H, W), the layout the vision tower takes."""
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def split_into_crops(image: np.ndarray, crop_size: int) -> np.ndarray:

@@ -5,6 +5,10 @@ to fit it keeping the aspect ratio (PIL bicubic); centre-pad with black to the p
 into crops row-major; prepend the whole image squashed to one crop (aspect ratio ignored);
 rescale and normalise. With ``shortest_edge == crop_size`` the per-crop resize and centre crop
 of the reference are identities, so they are not repeated here.
+
+Every step before the rescale works on uint8 (PIL resizes uint8 images to uint8, the letterbox is
+pixel value 0), so the crops leave as uint8 and the CLIP tower rescales and normalises them on the
+device (``unime_jax.models.clip.normalize_pixels``, the same float32 values as on the host).
 """
 
 from __future__ import annotations
@@ -16,15 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from unime_jax.processing.images import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageInput,
-    ProcessedImage,
-    normalize,
-    split_into_crops,
-    to_rgb,
-)
+from unime_jax.processing.images import ImageInput, ProcessedImage, channels_first, split_into_crops, to_rgb
 
 __all__ = [
     "LLAVA_V16_PINPOINTS",
@@ -123,13 +119,15 @@ class LlavaProcessedImage(ProcessedImage):
 
 @dataclass(frozen=True)
 class LlavaNextImageProcessor:
-    """LLaVA-v1.6 preprocessing; defaults are llava-hf/llava-v1.6-mistral-7b-hf's."""
+    """LLaVA-v1.6 preprocessing up to the rescale; defaults are llava-hf/llava-v1.6-mistral-7b-hf's.
+
+    The normalisation statistics are the vision tower's (``CLIPVisionConfig.image_mean`` and
+    ``image_std``, the checkpoint's OpenAI CLIP ones), which applies them on the device.
+    """
 
     image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_V16_PINPOINTS
     crop_size: int = 336
     patch_size: int = 14
-    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     def __post_init__(self) -> None:
         bad = [pin for pin in self.image_grid_pinpoints if pin[0] % self.crop_size or pin[1] % self.crop_size]
@@ -178,10 +176,9 @@ class LlavaNextImageProcessor:
             constant_values=0,
         )
         base = np.asarray(image.resize((self.crop_size, self.crop_size), Image.Resampling.BICUBIC))
-        crops = split_into_crops(normalize(letterboxed, self.image_mean, self.image_std), self.crop_size)
-        base_crop = normalize(base, self.image_mean, self.image_std)[None]
+        crops = split_into_crops(channels_first(letterboxed), self.crop_size)
         return LlavaProcessedImage(
-            pixel_values=np.concatenate([base_crop, crops]),
+            pixel_values=np.concatenate([channels_first(base)[None], crops]),  # uint8
             image_size=(height, width),
             num_tokens=self.num_tokens(height, width),
             image_grid=(target_h // self.crop_size, target_w // self.crop_size),

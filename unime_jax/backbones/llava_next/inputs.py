@@ -87,7 +87,8 @@ class LlavaNextInputs:
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:
         processed = self.processor(image)
-        pixel_values = np.zeros((self.cfg.max_image_patches, *processed.pixel_values.shape[1:]), np.float32)
+        # uint8, as the processor leaves them: the vision tower normalises them on the device.
+        pixel_values = np.zeros((self.cfg.max_image_patches, *processed.pixel_values.shape[1:]), np.uint8)
         pixel_values[: len(processed.pixel_values)] = processed.pixel_values
         arrays = {
             "pixel_values": pixel_values,
@@ -99,7 +100,7 @@ class LlavaNextInputs:
     def empty(self) -> Arrays:
         size = self.cfg.vision.image_size
         return {
-            "pixel_values": np.zeros((self.cfg.max_image_patches, 3, size, size), np.float32),
+            "pixel_values": np.zeros((self.cfg.max_image_patches, 3, size, size), np.uint8),
             "image_sizes": np.zeros(2, np.int32),
             "image_grids": np.zeros(2, np.int32),
         }

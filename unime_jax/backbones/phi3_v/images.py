@@ -5,6 +5,11 @@ Steps (the reference's ``HD_transform`` and ``preprocess``): convert to RGB; mak
 ``scale · crop``; pad the height with white to a multiple of ``crop``, centred; transpose back;
 normalise; prepend a global view (torch bicubic of the *normalised* padded image); zero-pad the
 crop stack to ``num_crops + 1``.
+
+Unlike LLaVA-NeXT's, these crops leave normalised, as float32: the global view is resized after
+normalisation, so its values (bicubic overshoot included) are not uint8 levels, and the padding
+crops are zero in CLIP space, which no uint8 level maps to. The HD crops alone would be exact in
+uint8 (white padding is level 255, before normalisation).
 """
 
 from __future__ import annotations
@@ -15,16 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from unime_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from unime_jax.models.phi3_v import image_token_count
-from unime_jax.processing.images import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageInput,
-    ProcessedImage,
-    normalize,
-    split_into_crops,
-    to_rgb,
-)
+from unime_jax.processing.images import ImageInput, ProcessedImage, channels_first, split_into_crops, to_rgb
 
 __all__ = [
     "Phi3VImageProcessor",
@@ -68,7 +66,9 @@ def phi3v_num_tokens(
     """Image tokens for a padded HD image of the given size: its crop grid's placeholder count
     (the model's :func:`~unime_jax.models.phi3_v.image_token_count`; each crop gives
     (crop/patch/2)² merged tokens)."""
-    return image_token_count(padded_height // crop_size, padded_width // crop_size, crop_size // patch_size // 2)
+    return image_token_count(
+        padded_height // crop_size, padded_width // crop_size, crop_size // patch_size // 2
+    )
 
 
 def hd_transform(image: Image.Image, num_crops: int, crop_size: int) -> np.ndarray:
@@ -165,8 +165,10 @@ class Phi3VImageProcessor:
         return phi3v_num_tokens(*padded, self.crop_size, self.patch_size)
 
     def __call__(self, image: ImageInput) -> ProcessedImage:
-        hd = normalize(
-            hd_transform(to_rgb(image), self.num_crops, self.crop_size), self.image_mean, self.image_std
+        hd = normalize_pixels(
+            channels_first(hd_transform(to_rgb(image), self.num_crops, self.crop_size)),
+            self.image_mean,
+            self.image_std,
         )
         padded_h, padded_w = hd.shape[1:]
         global_view = resize_bicubic_like_torch(hd, self.crop_size, self.crop_size)
