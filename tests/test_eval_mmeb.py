@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from helpers.reference import PARSERS_SCRIPT, run_reference_json
 from PIL import Image
 
 from unime_jax.eval.cli import main
+from unime_jax.eval.fingerprint import WINDOW, WINDOWS, model_fingerprint
 from unime_jax.eval.mmeb import predict
 from unime_jax.eval.mmeb_data import Item, MmebDataset, Row, read_dataset
 from unime_jax.eval.mmeb_tasks import MMEB_DATASETS
@@ -128,6 +130,59 @@ def test_a_rerun_skips_scored_datasets_and_refuses_other_settings(hf_dir, data, 
     assert _mmeb(hf_dir, data[0], native_run, "--datasets", "VOC2007", "--image-size", "40") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run.json: image_size was null, now 40" in err[0]
+
+
+def test_a_copied_model_continues_the_run_and_another_is_refused(hf_dir, data, native_run, tmp_path, capsys):
+    """The model counts by its contents: a copy elsewhere, with new file times, is the same model."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hf_dir, copy, copy_function=shutil.copyfile)
+    for file in copy.iterdir():
+        os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
+    assert _mmeb(copy, data[0], native_run, "--datasets", "VOC2007") == 0
+    assert "VOC2007: scored earlier" in capsys.readouterr().err
+    assert json.loads((native_run / "run.json").read_text())["model"] == str(copy.resolve())
+    other = write_tiny_llava(tmp_path / "other", seed=1)  # the same files and sizes, other weights
+    assert _mmeb(other, data[0], native_run, "--datasets", "VOC2007") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: {native_run / 'run.json'}: the model's files differ from those of the model these results "
+        "were computed with"
+    ), err
+    assert err[0].endswith(f"use a new --out, or delete {native_run}'s results to recompute them")
+
+
+def test_the_model_fingerprint_reads_contents_not_paths_or_times(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"layers": 2}')
+    size = (WINDOWS + 3) * WINDOW + 12345  # above WINDOWS * WINDOW: read in windows
+    weights = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    (model / "model.safetensors").write_bytes(weights.tobytes())
+    fingerprint = model_fingerprint(model)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy, copy_function=shutil.copyfile)
+    os.utime(copy / "model.safetensors", ns=(0, 0))
+    (copy / ".cache").mkdir()  # huggingface-cli's download times
+    (copy / ".cache" / "model.safetensors.metadata").write_text("downloaded at 1700000000.0")
+    assert model_fingerprint(copy) == fingerprint
+    (copy / "config.json").write_text('{"layers": 3}')
+    assert model_fingerprint(copy) != fingerprint
+    (copy / "config.json").write_text('{"layers": 2}')
+    step = (size - WINDOW) // (WINDOWS - 1)
+    for offset in (0, 7 * step + 100, size - 1):  # the header, a middle window, the file's end
+        changed = weights.copy()
+        changed[offset] ^= 1
+        (copy / "model.safetensors").write_bytes(changed.tobytes())
+        assert model_fingerprint(copy) != fingerprint, offset
+
+
+def test_the_help_names_every_field_of_the_score_file(native_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mmeb", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    fields = json.loads((native_run / "VOC2007_score.json").read_text())
+    assert [f for f in fields if f'"{f}"' not in help_text] == []
 
 
 def test_usage_errors_are_one_line(hf_dir, data, tmp_path, capsys):

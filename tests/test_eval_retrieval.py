@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -148,6 +149,51 @@ def test_sugarcrepe_is_a_strict_pairwise_accuracy(run, unime, sources):
         wins = np.einsum("nd,nd->n", image, positive) > np.einsum("nd,nd->n", image, negative)
         assert score[subset.name] == pytest.approx(wins.mean(), abs=1e-12)
     assert score["swap"] == pytest.approx((score["swap_obj"] + score["swap_att"]) / 2)
+
+
+def _no_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} in a score file")
+
+
+def test_a_sugarcrepe_subset_with_nothing_scorable_is_reported_and_left_out(
+    hf_dir, sources, tmp_path, capsys
+):
+    """No NaN: the subset is null, said so, and its group is the mean of the scored subsets."""
+    sugar = tmp_path / "sugar"
+    shutil.copytree(sources["root"] / "sugar", sugar)
+    records = json.loads((sugar / "swap_att.json").read_text())
+    (sugar / "swap_att.json").write_text(
+        json.dumps({k: {**r, "filename": "gone.png"} for k, r in records.items()})
+    )
+    args = [
+        "retrieval",
+        "--model",
+        str(hf_dir),
+        "--no-progress",
+        "--sugarcrepe-images",
+        str(sources["root"] / "images"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "out"), "--sugarcrepe", str(sugar)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "sugarcrepe: subset(s) swap_att unscored (no item could be embedded), left out of the group means"
+        in err
+    )
+    score = json.loads((tmp_path / "out" / "sugarcrepe_score.json").read_text(), parse_constant=_no_nan)
+    assert (score["swap_att"], score["num_swap_att"], score["num_skipped"]) == (None, 0, 3)
+    assert score["swap"] == score["swap_obj"] and score["num_swap_obj"] == 3
+    summary = json.loads((tmp_path / "out" / "retrieval_summary.json").read_text(), parse_constant=_no_nan)
+    assert summary["sugarcrepe"]["swap_att"] is None
+    assert summary["sugarcrepe"]["swap"] == pytest.approx(100 * score["swap_obj"])
+    markdown = (tmp_path / "out" / "retrieval_summary.md").read_text()
+    assert "Not scored (no item could be embedded; left out of the group means): swap_att" in markdown
+    # Nothing scorable at all is an error, as for a pairs set.
+    for subset in SUGARCREPE_SUBSETS:
+        (sugar / f"{subset}.json").write_text("{}")
+    assert main([*args, "--out", str(tmp_path / "empty"), "--sugarcrepe", str(sugar)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: sugarcrepe: nothing could be embedded; first problem: every subset is empty"
+    )
 
 
 def test_metric_definitions():

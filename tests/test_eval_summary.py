@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from unime_jax.eval import paper
-from unime_jax.eval.cli import main
+from unime_jax.eval.cli import build_parser, main
 from unime_jax.eval.mmeb_tasks import MMEB_DATASETS
 from unime_jax.eval.summary import summarize
 
@@ -70,3 +70,22 @@ def test_summarize_errors_name_the_file(tmp_path, capsys):
     assert main(["summarize", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'VOC2007_score.json'}: 'acc' must be a fraction in [0, 1], got 67.0"
+
+
+def test_compare_takes_the_rows_each_subcommand_has_numbers_for(tmp_path, capsys):
+    """A row without retrieval numbers is a usage error for `eval retrieval`, before anything runs."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["retrieval", "--model", "m", "--out", str(out), "--pairs", "p.jsonl", "--compare", "clip-vitl"])
+    assert exit_info.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(
+        f"argument --compare: no published retrieval row 'clip-vitl'; choose from {', '.join(paper.RETRIEVAL)}"
+    )
+    assert "clip-vitl" in paper.MMEB and "clip-vitl" not in paper.RETRIEVAL
+    parser = build_parser()
+    mmeb = parser.parse_args(["mmeb", "--model", "m", "--out", "o", "--data", "d", "--compare", "clip-vitl"])
+    assert mmeb.compare == "clip-vitl"
+    assert parser.parse_args(["summarize", "o", "--compare", "unime-llava16"]).compare == "unime-llava16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["summarize", "o", "--compare", "nope"])

@@ -129,7 +129,7 @@ def test_llava_pixel_values_match_transformers(name, hf_llava_image_processor):
     ],
 )
 def test_llava_token_count_matches_llava_next_processor(height, width, tokens, hf_llava_processor):
-    """Counted in the input_ids the real processor produces; spec values from backbones_mmeb.md §3.4."""
+    """Counted in the input_ids the real processor produces (transformers' LlavaNextProcessor)."""
     image = _gradient_image(height, width)
     ids = hf_llava_processor(images=Image.fromarray(image), text="<image>", return_tensors="np")["input_ids"]
     expected = int((ids == 1).sum())
@@ -248,7 +248,7 @@ def test_phi3v_defaults_and_static_shapes():
     ],
 )
 def test_phi3v_token_counts_spec_table(width, height, tokens_4, tokens_16):
-    """backbones_mmeb.md §1.6, sizes given as W x H."""
+    """Phi-3.5-V's processor: an h x w crop grid gives 144(hw + 1) + 12(h + 1) + 1 tokens; sizes are W x H."""
     assert Phi3VImageProcessor(num_crops=4).num_tokens(height, width) == tokens_4
     assert Phi3VImageProcessor(num_crops=16).num_tokens(height, width) == tokens_16
 
@@ -322,7 +322,7 @@ def test_phi3v_matches_reference_processor(index, name, num_crops, reference_phi
     ],
 )
 def test_phi3v_hd_transform_resize_and_white_padding(width, height, resized, padded, top):
-    """Sizes worked out by hand from the reference's rules (backbones_mmeb.md §1.3)."""
+    """Sizes worked out by hand from the Phi-3.5-V processor's HD-transform rules."""
     image = Image.fromarray(_gradient_image(height, width))
     hd = hd_transform(image, num_crops=4, crop_size=336)
     assert hd.shape == (*padded, 3) and hd.dtype == np.uint8

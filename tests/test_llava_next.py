@@ -244,7 +244,7 @@ def _llava_v16_config(**overrides) -> LlavaNextConfig:
     [(336, 336, 1176), (1344, 1344, 2928), (640, 480, 2340), (480, 640, 2352), (300, 1000, 2232)],
 )
 def test_token_counts_of_llava_v16(width, height, tokens):
-    """The counts transformers' processor and model give for llava-hf (backbones_mmeb.md §3.4)."""
+    """The counts transformers' processor and model give for llava-hf's LLaVA-1.6."""
     cfg = _llava_v16_config()
     assert (cfg.max_image_patches, cfg.max_image_tokens) == (5, 2928)
     grid = _grid((height, width), LLAVA_V16_PINPOINTS, 336)

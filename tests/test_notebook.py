@@ -64,7 +64,7 @@ def test_notebook_runs_and_retrieves_with_its_model(tmp_path, monkeypatch) -> No
     assert (tmp_path / "run" / "retrieval.png").stat().st_size > 0
 
 
-def test_evaluation_notebook_converts_scores_and_shows_examples(tmp_path, monkeypatch) -> None:
+def test_evaluation_notebook_converts_scores_and_shows_examples(tmp_path, monkeypatch, capsys) -> None:
     hf = write_tiny_llava(tmp_path / "hf")
     mmeb = tmp_path / "mmeb"
     write_mmeb_v1(mmeb)
@@ -75,13 +75,15 @@ def test_evaluation_notebook_converts_scores_and_shows_examples(tmp_path, monkey
     )
     parameters = (
         f"HF_MODEL = Path({str(hf)!r})\nMMEB_ROOT = Path({str(mmeb)!r})\nDATASETS = 'VOC2007,MSCOCO_t2i'\n"
-        f"PAIRS = Path({str(pairs)!r})\nMMEB_FLAGS = []\nCOMPARE = 'unime-llava16'\nWORK = Path({str(tmp_path / 'work')!r})\n"
+        f"PAIRS = Path({str(pairs)!r})\nMMEB_FLAGS = []\nCOMPARE = 'clip-vitl'\nWORK = Path({str(tmp_path / 'work')!r})\n"
     )
     namespace = _run(EVAL_NOTEBOOK, parameters, monkeypatch)
     work = tmp_path / "work"
     assert (work / "ckpt" / "unime_model.yaml").is_file()  # converted
     assert set(namespace["summary"]["per_dataset"]) == {"VOC2007", "MSCOCO_t2i"}
-    assert "paper: unime-llava16" in (work / "mmeb" / "summary.md").read_text()
+    # clip-vitl has MMEB numbers only (Table 1, not Table 2): beside the MMEB table, not the retrieval one
+    assert "paper: clip-vitl" in (work / "mmeb" / "summary.md").read_text()
+    assert "clip-vitl has no published retrieval numbers" in capsys.readouterr().out
     assert set(namespace["retrieval"]) == {"pairs"} and namespace["retrieval"]["pairs"]["t2i_r5"] == 100.0
     assert len([ax for ax in namespace["fig"].axes if ax.images]) >= 3
     assert (work / "examples.png").stat().st_size > 0

@@ -45,9 +45,6 @@ def test_all_equal_similarities_are_not_a_free_hit():
     assert recall_at_k(sim, np.arange(4), k=1) == 0.0
     assert recall_at_k(sim, np.arange(4), k=3) == 0.0
     assert recall_at_k(sim, np.arange(4), k=4) == 1.0
-    assert recall_at_k(sim, np.arange(4), k=1, ties="expected") == pytest.approx(0.25)  # chance
-    assert recall_at_k(sim, np.arange(4), k=2, ties="expected") == pytest.approx(0.5)
-    assert recall_at_k(sim, [{0, 1}] * 4, k=1, ties="expected") == pytest.approx(0.5)
     assert recall_at_k(sim, [set(range(4))] * 4, k=1) == 1.0  # every candidate is gold
 
 
@@ -57,8 +54,6 @@ def test_tie_rule_ignores_index_order():
     assert recall_at_k(sim, [0]) == 0.0
     assert recall_at_k(sim, [1]) == 0.0
     assert recall_at_k(sim, [0], k=2) == 1.0
-    assert recall_at_k(sim, [0], ties="expected") == pytest.approx(0.5)
-    assert recall_at_k(sim, [1], ties="expected") == pytest.approx(0.5)
     # a strictly higher gold is still a hit, and a tie below the top does not matter
     assert recall_at_k(np.array([[0.9, 0.5, 0.5]]), [0]) == 1.0
 
@@ -70,12 +65,11 @@ def test_results_invariant_to_candidate_permutation():
     for perm in itertools.islice(itertools.permutations(range(6)), 0, 720, 97):
         perm = np.asarray(perm)
         inverse = np.argsort(perm)
-        for ties in ("against_gold", "expected"):
-            for k in (1, 2):
-                assert recall_at_k(sim[:, perm], inverse[gold], k, ties) == recall_at_k(sim, gold, k, ties)
+        for k in (1, 2):
+            assert recall_at_k(sim[:, perm], inverse[gold], k) == recall_at_k(sim, gold, k)
 
 
-def _brute_force_expected(row, gold_set, k):
+def _brute_force_hit_rate(row, gold_set, k):
     """Average hit@k over every order that sorts by score (ties in every possible order)."""
     hits = total = 0
     for order in itertools.permutations(range(len(row))):
@@ -85,16 +79,14 @@ def _brute_force_expected(row, gold_set, k):
     return hits / total
 
 
-def test_expected_ties_match_brute_force():
+def test_ties_take_the_worst_order_by_brute_force():
+    """A hit only if every order of the tied candidates is a hit."""
     rng = np.random.default_rng(1)
     for _ in range(40):
         row = rng.integers(0, 3, size=6).astype(float)
         gold = set(rng.choice(6, size=int(rng.integers(1, 3)), replace=False).tolist())
         for k in (1, 2, 3):
-            want = _brute_force_expected(row, gold, k)
-            assert hits_at_k(row[None], [gold], k, ties="expected")[0] == pytest.approx(want)
-            # the default is the worst order: a hit only if every order is a hit
-            assert hits_at_k(row[None], [gold], k)[0] == float(want == 1.0)
+            assert hits_at_k(row[None], [gold], k)[0] == float(_brute_force_hit_rate(row, gold, k) == 1.0)
 
 
 @pytest.mark.parametrize(
@@ -113,11 +105,6 @@ def test_expected_ties_match_brute_force():
 def test_bad_inputs_rejected(sim, gold, k):
     with pytest.raises(ValueError):
         recall_at_k(sim, gold, k)
-
-
-def test_bad_tie_rule_rejected():
-    with pytest.raises(ValueError):
-        recall_at_k(SIM, [0, 1, 2], ties="optimistic")
 
 
 # --- compositional accuracy -----------------------------------------------------------------------

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from unime_jax.cli_errors import add_debug_flag, run
 from unime_jax.data.errors import DataError
+from unime_jax.eval.fingerprint import model_fingerprint
 from unime_jax.eval.paper import MMEB, RETRIEVAL
 
 MMEB_EPILOG = """\
@@ -36,15 +38,17 @@ the published numbers:
   print the paper's row beside yours.
 
 outputs (in --out):
-  <Dataset>_score.json {"acc", "num_correct", "num_pred", "num_rows", "num_skipped"} (VLM2Vec's file;
-  acc over the scored rows), <Dataset>_pred.jsonl (one {"pred": index} per row, in order),
+  <Dataset>_score.json {"acc", "num_correct", "num_pred", "num_rows", "num_skipped", "num_tied"}
+  (VLM2Vec's file; acc over the scored rows; num_tied: rows whose top score was shared, which the
+  tie rule gives to the positive), <Dataset>_pred.jsonl (one {"pred": index} per row, in order),
   <Dataset>_skipped.jsonl (rows that could not be scored: file, row, reason), summary.json and
   summary.md (percent: overall_36, overall_meta_mean, ind, ood and the four meta-tasks).
 
 resuming:
   Embeddings are cached per dataset in OUT/cache/ as they are computed: a killed run resumes where
   it stopped, and a dataset with a score file is skipped. Rerunning into OUT with another model or
-  other settings is refused (run.json).
+  other settings is refused (run.json); the model counts by its files' contents, so a copy of it
+  elsewhere continues the run.
 
 multi-host:
   Encoding is split over all devices and processes; on clusters (SLURM, Open MPI, TPU) start one
@@ -75,8 +79,25 @@ are cached in OUT/cache/ while they are computed, so a killed run resumes.
 exit status: 0 done, 1 bad data or model, 2 usage error.
 """
 
-COMPARE_HELP = "a published row to print beside the results: " + ", ".join(dict.fromkeys([*MMEB, *RETRIEVAL]))
 
+def _add_compare(parser: argparse.ArgumentParser, rows: Iterable[str], benchmark: str) -> None:
+    """``--compare NAME``, checked while parsing: a name without published numbers for this
+    subcommand is a usage error before the model loads, not a failure after the evaluation."""
+    names = list(dict.fromkeys(rows))
+
+    def published(name: str) -> str:
+        if name not in names:
+            raise argparse.ArgumentTypeError(
+                f"no published {benchmark} row {name!r}; choose from {', '.join(names)}"
+            )
+        return name
+
+    parser.add_argument(
+        "--compare",
+        type=published,
+        metavar="NAME",
+        help=f"a published {benchmark} row to print beside the results: {', '.join(names)}",
+    )
 
 
 def _positive(value: str) -> int:
@@ -87,6 +108,7 @@ def _positive(value: str) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    add_debug_flag(parser)
     parser.add_argument(
         "--model",
         required=True,
@@ -112,7 +134,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="items per cached chunk of embeddings (default 1024)",
     )
     parser.add_argument("--keep-embeddings", action="store_true", help="keep OUT/cache/ after scoring")
-    parser.add_argument("--compare", help=COMPARE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     multi = parser.add_argument_group("multi-host (jax.distributed; SLURM/Open MPI/TPU are auto-detected)")
     multi.add_argument("--coordinator-address", help="host:port of process 0")
@@ -132,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MMEB-eval with VLM2Vec v1's protocol: precision@1 per dataset and the papers' aggregates.",
     )  # fmt: skip
     _add_model_args(mmeb)
+    _add_compare(mmeb, MMEB, "MMEB")
     mmeb.add_argument("--data", required=True, type=Path, help="MMEB-eval root: <Dataset>/test-*.parquet")
     mmeb.add_argument("--image-root", type=Path, help="base of the image paths (default: --data)")
     mmeb.add_argument(
@@ -143,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="UniME's zero-shot retrieval suite: R@1/5/10 in both directions and SugarCrepe.",
     )  # fmt: skip
     _add_model_args(ret)
+    _add_compare(ret, RETRIEVAL, "retrieval")
     ret.add_argument("--flickr30k", type=Path, help="royokong/flickr30k_test download directory")
     ret.add_argument("--coco", type=Path, help="royokong/coco_test download directory")
     ret.add_argument("--sharegpt4v", type=Path, help="share-captioner_coco_lcs_sam_1246k_1107.json")
@@ -160,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "<name>_score.json files, e.g. after runs split across machines.",
     )  # fmt: skip
     summarize.add_argument("out", type=Path, help="directory holding <name>_score.json files")
-    summarize.add_argument("--compare", help=COMPARE_HELP)
+    add_debug_flag(summarize)
+    _add_compare(summarize, [*MMEB, *RETRIEVAL], "MMEB or retrieval")
     return parser
 
 
@@ -175,18 +199,11 @@ def _model_type(path: Path) -> str:
     )
 
 
-def _fingerprint(path: Path) -> str:
-    """Names, sizes and modification times of the model's files: changes when its weights do."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
 def _settings(args: argparse.Namespace, benchmark: str, max_len: int, model_type: str) -> dict[str, Any]:
+    """What the embeddings depend on; the model by its contents (a copy of it is the same model)."""
     return {
         "benchmark": benchmark,
-        "model": str(args.model.resolve()),
-        "model_fingerprint": _fingerprint(args.model),
+        "model_fingerprint": model_fingerprint(args.model),
         "model_type": model_type,
         "dtype": args.dtype,
         "max_len": max_len,
@@ -243,6 +260,7 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
     return EvalRun(
         args.out, settings, batch_size=args.batch_size, chunk_size=args.chunk_size,
         keep_embeddings=args.keep_embeddings, progress=not args.no_progress,
+        notes={"model": str(args.model.resolve())},
     )  # fmt: skip
 
 
@@ -339,13 +357,10 @@ def _summarize(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.compare and args.compare not in {*MMEB, *RETRIEVAL}:
-        parser.error(
-            f"--compare {args.compare}: no published row; known: {', '.join(dict.fromkeys([*MMEB, *RETRIEVAL]))}"
-        )
     commands = {"mmeb": _mmeb, "retrieval": _retrieval, "summarize": _summarize}
-    try:
-        return commands[args.command](args)
-    except (DataError, OSError, ValueError) as e:  # bad data, model files or settings: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # Bad data, model files or settings: one line and exit 1 (DataError's, ValueError's, OSError's).
+    return run(
+        lambda: commands[args.command](args),
+        debug=args.debug,
+        on_interrupt="interrupted; the same command resumes from the cached chunks",
+    )

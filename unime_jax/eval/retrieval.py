@@ -3,12 +3,9 @@
 Conventions:
 
 - Embeddings are L2-normalised, so cosine similarity is a dot product.
-- **Ties never favour the gold.** With the default ``ties="against_gold"``, a query is a hit at k
-  only if fewer than k non-gold candidates score at least as high as the best gold candidate: a
-  non-gold candidate tied with the gold is ranked before it. Constant similarities therefore give
-  R@1 = 0 (unless every candidate is gold). ``ties="expected"`` instead gives the expected hit
-  rate of a uniformly random order among tied candidates (a deterministic fraction): constant
-  similarities then give exactly the chance rate |gold| / Nc.
+- **Ties never favour the gold.** A query is a hit at k only if fewer than k non-gold candidates
+  score at least as high as the best gold candidate: a non-gold candidate tied with the gold is
+  ranked before it. Constant similarities therefore give R@1 = 0 (unless every candidate is gold).
 - **Several gold candidates.** A query may have a set of acceptable candidates (an image and its
   five captions): it is a hit when the best of them ranks in the top k.
 - Similarities must be finite (a NaN would compare false against everything and pass as a hit).
@@ -16,15 +13,12 @@ Conventions:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import numpy as np
 
 __all__ = ["compositional_scores", "gold_mask", "hits_at_k", "recall_at_k"]
 
-Ties = Literal["against_gold", "expected"]
 Gold = np.ndarray | Sequence[int] | Sequence[Iterable[int]]
 
 
@@ -53,8 +47,8 @@ def gold_mask(gold: Gold, num_queries: int, num_candidates: int) -> np.ndarray:
     return mask
 
 
-def hits_at_k(sim: np.ndarray, gold: Gold, k: int = 1, ties: Ties = "against_gold") -> np.ndarray:
-    """Per-query hit (float64 (Nq,), in [0, 1]) at k; see the module docstring for the tie rule."""
+def hits_at_k(sim: np.ndarray, gold: Gold, k: int = 1) -> np.ndarray:
+    """Per-query hit at k (float64 (Nq,), 0 or 1); see the module docstring for the tie rule."""
     sim = np.asarray(sim, dtype=np.float64)
     if sim.ndim != 2:
         raise ValueError(f"sim must be (Nq, Nc), got shape {sim.shape}")
@@ -62,35 +56,21 @@ def hits_at_k(sim: np.ndarray, gold: Gold, k: int = 1, ties: Ties = "against_gol
         raise ValueError("similarities must be finite")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if ties not in ("against_gold", "expected"):
-        raise ValueError(f"ties must be 'against_gold' or 'expected', got {ties!r}")
     mask = gold_mask(gold, *sim.shape)
     best_gold = np.where(mask, sim, -np.inf).max(axis=1, keepdims=True)
     above = (~mask & (sim > best_gold)).sum(axis=1)  # non-gold strictly better than every gold
     tied_other = (~mask & (sim == best_gold)).sum(axis=1)
-    if ties == "against_gold":
-        return (above + tied_other < k).astype(np.float64)
-    tied_gold = (mask & (sim == best_gold)).sum(axis=1)
-    out = np.empty(sim.shape[0], dtype=np.float64)
-    for q, (a, t_other, t_gold) in enumerate(zip(above, tied_other, tied_gold, strict=True)):
-        slots = k - int(a)  # positions left in the top k for the tied block
-        if slots <= 0:
-            out[q] = 0.0
-        elif slots > t_other:
-            out[q] = 1.0
-        else:  # P(at least one gold among the first `slots` of a random order of the tied block)
-            out[q] = 1.0 - math.comb(int(t_other), slots) / math.comb(int(t_other + t_gold), slots)
-    return out
+    return (above + tied_other < k).astype(np.float64)
 
 
-def recall_at_k(sim: np.ndarray, gold: Gold, k: int = 1, ties: Ties = "against_gold") -> float:
+def recall_at_k(sim: np.ndarray, gold: Gold, k: int = 1) -> float:
     """Recall@k of ``sim`` (Nq, Nc) (higher = more similar) against ``gold``.
 
     ``gold``: int (Nq,) gold candidate per query, or a list of Nq sets of acceptable candidates, or
     a boolean (Nq, Nc) mask. A query is a hit when a gold candidate ranks in the top k, ties
     resolved against the gold (module docstring).
     """
-    return float(hits_at_k(sim, gold, k, ties).mean())
+    return float(hits_at_k(sim, gold, k).mean())
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray, names: str) -> tuple[np.ndarray, np.ndarray]:

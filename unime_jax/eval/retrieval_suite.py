@@ -8,7 +8,8 @@ a caption, one for an image), as UniME's ``self_evaluate`` scripts do for every 
   first, as in the paper's v4. Ties are ranked against the gold (a constant model scores 0), where
   UniME's ``torch.topk`` breaks them arbitrarily; trained models do not produce ties.
 - **SugarCrepe**: an image is right when its caption scores strictly higher than the negative
-  caption; Replace, Swap and Add are the means of their subsets.
+  caption; Replace, Swap and Add are the means of their subsets. A subset none of whose items can
+  be embedded is unscored (``null``, reported) and left out of its group's mean.
 
 Per dataset, ``out/<name>_score.json`` holds fractions (``t2i_r1``, ``t2i_r5``, ``t2i_r10``,
 ``i2t_r1``, ... or SugarCrepe's subsets and groups) and the counts evaluated; the table of all of them,
@@ -31,7 +32,7 @@ import numpy as np
 from unime_jax.embedder import UniME
 from unime_jax.eval import paper, retrieval
 from unime_jax.eval.encoding import Entry
-from unime_jax.eval.retrieval_data import SUGARCREPE_GROUPS, Pairs, SugarCrepeSubset
+from unime_jax.eval.retrieval_data import SUGARCREPE_GROUPS, SUGARCREPE_SUBSETS, Pairs, SugarCrepeSubset
 from unime_jax.eval.runs import SCORE_SUFFIX, EvalRun
 from unime_jax.eval.store import atomic_write_text
 
@@ -120,6 +121,7 @@ def evaluate_sugarcrepe(
 ) -> dict[str, Any] | None:
     score: dict[str, Any] = {}
     problems: list[str] = []
+    unscored: list[str] = []
     for subset in subsets:
         texts, positions = _unique_texts(subset.positives + subset.negatives)
         n = len(subset.images)
@@ -132,16 +134,32 @@ def evaluate_sugarcrepe(
         failures = {i: errors[i] or errors[n + pos[i]] or errors[n + neg[i]] for i in range(n)}
         good = [i for i in range(n) if not failures[i]]
         problems += subset.bad + [f"{subset.name} item {i}: {e}" for i, e in failures.items() if e]
-        score[subset.name] = sugarcrepe_accuracy(
-            embeddings[good], embeddings[[n + pos[i] for i in good]], embeddings[[n + neg[i] for i in good]]
-        )
+        if good:
+            score[subset.name] = sugarcrepe_accuracy(
+                embeddings[good],
+                embeddings[[n + pos[i] for i in good]],
+                embeddings[[n + neg[i] for i in good]],
+            )
+        else:  # an accuracy over no item is no number: the subset stays out of its group's mean
+            score[subset.name] = None
+            unscored.append(subset.name)
         score[f"num_{subset.name}"] = len(good)
     if jax.process_index() != 0:
         return None
-    for group, members in SUGARCREPE_GROUPS.items():
-        score[group] = float(np.mean([score[m] for m in members]))
-    score["num_skipped"] = len(problems)
     _report(SUGARCREPE, problems)
+    if len(unscored) == len(subsets):
+        first = problems[0] if problems else "every subset is empty"
+        raise ValueError(f"{SUGARCREPE}: nothing could be embedded; first problem: {first}")
+    if unscored:
+        print(
+            f"{SUGARCREPE}: subset(s) {', '.join(unscored)} unscored (no item could be embedded), "
+            "left out of the group means",
+            file=sys.stderr,
+        )
+    for group, members in SUGARCREPE_GROUPS.items():
+        scored = [score[m] for m in members if score[m] is not None]
+        score[group] = float(np.mean(scored)) if scored else None
+    score["num_skipped"] = len(problems)
     return score
 
 
@@ -180,11 +198,19 @@ def read_retrieval_scores(out: Path) -> dict[str, dict[str, Any]]:
     return scores
 
 
-def _percent(score: Mapping[str, Any]) -> dict[str, float]:
-    return {k: 100 * v for k, v in score.items() if not k.startswith("num_") and isinstance(v, float)}
+def _percent(score: Mapping[str, Any]) -> dict[str, float | None]:
+    """The metrics in percent; None (an unscored SugarCrepe subset or group) stays None."""
+    metrics = {
+        k: v for k, v in score.items() if not k.startswith("num_") and (v is None or isinstance(v, float))
+    }
+    return {k: None if v is None else 100 * v for k, v in metrics.items()}
 
 
-def retrieval_markdown(summary: Mapping[str, Mapping[str, float]], compare: str | None = None) -> str:
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def retrieval_markdown(summary: Mapping[str, Mapping[str, float | None]], compare: str | None = None) -> str:
     published = paper.RETRIEVAL.get(compare or "", {})
     columns = [f"t2i_r{k}" for k in KS] + [f"i2t_r{k}" for k in KS]
     lines = ["# Zero-shot retrieval (R@k, %; text→image first)", ""]
@@ -202,13 +228,19 @@ def retrieval_markdown(summary: Mapping[str, Mapping[str, float]], compare: str 
     if SUGARCREPE in summary:
         groups = list(SUGARCREPE_GROUPS)
         lines += ["", "| SugarCrepe | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
-        lines.append("| measured | " + " | ".join(f"{summary[SUGARCREPE][g]:.1f}" for g in groups) + " |")
+        lines.append("| measured | " + " | ".join(_cell(summary[SUGARCREPE][g]) for g in groups) + " |")
         if published:
             lines.append(
                 f"| paper: {compare} | "
                 + " | ".join(f"{published[f'sugarcrepe/{g}']:.1f}" for g in groups)
                 + " |"
             )
+        sugarcrepe = summary[SUGARCREPE]
+        if unscored := [m for m in SUGARCREPE_SUBSETS if m in sugarcrepe and sugarcrepe[m] is None]:
+            lines += [
+                "",
+                f"Not scored (no item could be embedded; left out of the group means): {', '.join(unscored)}",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """One evaluation run: its output directory, its settings and how it embeds.
 
 An output directory holds the results of one model with one set of settings: ``run.json`` records
-them, and a rerun into the directory with other ones is refused, naming the first differing key.
+them, and a rerun into the directory with other ones is refused, naming the first differing key. The
+model counts by its contents (``model_fingerprint``), not its path: a copy of it continues the run.
 Each dataset's ``<name>_score.json`` is written last, so its presence means "done": a rerun skips
 the dataset, as VLM2Vec's ``eval.py`` does. While a dataset runs, its embeddings are cached in
 ``cache/<name>/`` (:class:`~unime_jax.eval.store.EmbeddingStore`), so a killed run resumes.
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ class EvalRun:
     chunk_size: int = 1024  # items per cached chunk
     keep_embeddings: bool = False  # keep cache/<name>/ once the dataset is scored
     progress: bool = True
+    # In run.json for the reader but never compared, e.g. the model's path: a copy elsewhere, or each
+    # host's own copy, is the same model (settings' model_fingerprint says which one it is).
+    notes: Mapping[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         """Create ``out``; refuse it if it holds results of other settings; record these."""
@@ -47,13 +51,19 @@ class EvalRun:
                 stored = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:
                 raise StoreMismatch(f"{path} is unreadable ({e}); delete it or use a new --out") from e
+            stored = {k: v for k, v in stored.items() if k not in self.notes}
             if difference := first_difference(stored, self.settings):
+                if difference.startswith("model_fingerprint "):  # two hashes would tell the reader nothing
+                    difference = (
+                        "the model's files differ from those of the model these results were computed "
+                        "with (or the results predate content fingerprints)"
+                    )
                 raise StoreMismatch(
                     f"{path}: {difference}; this directory holds results of another setup: use a new "
-                    "--out (or delete the old results)"
+                    f"--out, or delete {self.out}'s results to recompute them"
                 )
         if jax.process_index() == 0:
-            atomic_write_text(path, json.dumps(self.settings, indent=1) + "\n")
+            atomic_write_text(path, json.dumps({**self.settings, **self.notes}, indent=1) + "\n")
 
     def score_path(self, name: str) -> Path:
         return self.out / f"{name}{SCORE_SUFFIX}"
