@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mmeb_train import write_subset
 from helpers.tokenizers import mistral_tokenizer
 from PIL import Image
 
@@ -53,18 +54,6 @@ def write_images(root: Path) -> list[str]:
         paths.append(rel)
     (root / "images/photos/corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     return paths
-
-
-def write_subset(
-    root: Path, subset: str, rows: list[tuple[str, str, str, str]], split: str = "original"
-) -> None:
-    columns = dict(
-        zip(("qry", "qry_image_path", "pos_text", "pos_image_path"), zip(*rows, strict=True), strict=True)
-    )
-    (root / subset).mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({k: list(v) for k, v in columns.items()}), root / subset / f"{split}-00000-of-00001.parquet"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +113,13 @@ def test_source_records_subsets_caps_and_target_ids(mmeb_root: Path) -> None:
     assert ids[0] == ids[6 + 6]  # "Yes" in HatefulMemes and OK-VQA: one target
     assert len(pickle.dumps(source)) < 4000  # workers reload the parquet files
     assert pickle.loads(pickle.dumps(source))[14] == record
+
+
+def test_a_source_knows_whether_it_serves_images(mmeb_root: Path, tmp_path: Path) -> None:
+    assert MmebSource(mmeb_root, "original", subsets=("MSCOCO_t2i",)).has_images  # targets only
+    write_subset(tmp_path, "WebQA", [("Find it: a question", "", "an answer", None)])
+    write_subset(tmp_path, "VisDial", [("Q: and A: dialogue", None, "a caption", "")])
+    assert not MmebSource(tmp_path, "original").has_images  # empty and null paths are no images
 
 
 def test_split_and_subset_selection(mmeb_root: Path) -> None:

@@ -238,3 +238,19 @@ def test_packed_batches_from_workers_are_the_padded_batches_regrouped(with_bad, 
     assert int(packed[0]["packed_row_len"].sum()) == sum(
         int(padded[0][f"{r}_attention_mask"].sum()) for r in ("anchor", "positive", "negative")
     )
+
+
+def test_host_memory_is_accounted_and_an_excess_is_refused(clean, tokenizer) -> None:
+    from unime_jax.data.host_memory import check_host_memory
+
+    pipe = pipeline(clean, tokenizer, num_workers=3, worker_buffer_size=2, prefetch_batches=1)
+    first = pipe.batch_at(0)
+    batch_bytes = sum(v.nbytes for v in first.values())
+    in_flight = 3 * (2 + 1 + 1) + 2  # workers x (buffered + prefetched + building) + the loop's two
+    need = in_flight * batch_bytes
+    line = check_host_memory(pipe.loader, first, available=need)
+    assert f"{in_flight} in flight (3 workers x (2 buffered + 1 prefetched + 1 in progress)" in line
+    assert f"{need / 1e9:.1f} GB" in line
+    with pytest.raises(DataError, match=r"only 0\.0 GB are available; lower data\.loader\.num_workers"):
+        check_host_memory(pipe.loader, first, available=need - 1)
+    assert "GB available" in pipe.check_host_memory()  # this machine has room for a tiny batch

@@ -102,6 +102,9 @@ def test_killed_demo_resumes_and_reports(finished):
     ]
     assert steps[-1] == STAGE2_STEPS
     assert (workdir / "results.png").stat().st_size > 0
+    # The export's model card carries the evaluations (runs.model_card; tests/test_model_card.py has the rest).
+    card = (workdir / "export" / "hf" / "README.md").read_text()
+    assert "library_name: transformers" in card and "| after stage 2" in card
 
 
 @pytest.mark.parametrize("metric", ["t2i_r1", "i2t_r1"])

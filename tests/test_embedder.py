@@ -13,7 +13,7 @@ import transformers
 from helpers.llava import SIZES, TOL, Reference, random_image, write_tiny_llava
 
 # reference_clip is a fixture, imported to be used here.
-from helpers.phi3_v_reference import RefModel, reference_clip, reference_config  # noqa: F401
+from helpers.phi3_v_reference import reference_clip, write_reference  # noqa: F401
 from helpers.reference import reference_phi3v_ids
 from helpers.tokenizers import llava_tokenizer, phi_tokenizer
 
@@ -191,17 +191,8 @@ PHI_IMAGE = "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|a
 @pytest.fixture(scope="module")
 def phi3_v(tmp_path_factory, reference_clip):  # noqa: F811
     """(HF directory with the Phi tokenizer, VLM2Vec reference model)."""
-    cfg = reference_config()
-    cfg.vocab_size = 32064  # room for the Mistral sentencepiece plus Phi's chat tokens
-    torch.manual_seed(0)
-    ref = RefModel(cfg).eval()
-    embedding = ref.model.vision_embed_tokens
-    with torch.no_grad():  # random separators, so a misplaced one shows
-        embedding.glb_GN.normal_()
-        embedding.sub_GN.normal_()
-    embedding._dynamic_tied_weights_keys = ["wte.weight"]
     out = tmp_path_factory.mktemp("unime_phi3_v") / "hf"
-    ref.save_pretrained(out, safe_serialization=True)
+    ref = write_reference(out, vocab_size=32064)  # room for the Mistral sentencepiece plus Phi's chat tokens
     phi_tokenizer().save_pretrained(out)
     return out, ref
 

@@ -1,5 +1,6 @@
-"""`python -m unime_jax.eval mmeb` on a tiny LLaVA-NeXT against transformers + numpy computing the
-protocol independently; resume, bad data, refused reruns, the V2 layout and 2 processes."""
+"""`python -m unime_jax.eval mmeb` on a tiny LLaVA-NeXT (and a tiny LLaVA-OneVision) against
+transformers + numpy computing the protocol independently; resume, bad data, refused reruns, the V2
+layout and 2 processes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import onevision
 from helpers.eval_fixtures import (
     IMAGE_TARGET,
     read_preds,
@@ -66,13 +68,14 @@ def native_run(hf_dir, data, tmp_path_factory) -> Path:
     return out
 
 
-def test_predictions_match_an_independent_transformers_computation(native_run, data, reference):
+def assert_scored_as_the_reference(out: Path, data: tuple[Path, dict[str, list[dict]]], reference) -> None:
+    """Every dataset's predictions and score file in `out` are those of transformers + numpy."""
     root, datasets = data
     for name, rows in datasets.items():
         expected, margin = reference_predictions(reference, root, rows)
         assert margin > MARGIN, f"{name}: the fixture has a near tie ({margin:.2e}); pick other data"
-        assert read_preds(native_run / f"{name}_pred.jsonl") == expected, name
-        score = json.loads((native_run / f"{name}_score.json").read_text())
+        assert read_preds(out / f"{name}_pred.jsonl") == expected, name
+        score = json.loads((out / f"{name}_score.json").read_text())
         correct = sum(p == 0 for p in expected)
         assert score == {
             "acc": correct / len(rows),
@@ -82,9 +85,20 @@ def test_predictions_match_an_independent_transformers_computation(native_run, d
             "num_skipped": 0,
             "num_tied": 0,  # the all-ties row repeats one item: no tie between different items
         }
+
+
+def test_predictions_match_an_independent_transformers_computation(native_run, data, reference):
+    assert_scored_as_the_reference(native_run, data, reference)
     # The all-ties row: every candidate is the same item, so the first maximum (the positive) wins.
     assert read_preds(native_run / "MSCOCO_t2i_pred.jsonl")[-1] == 0
     assert not (native_run / "cache" / "VOC2007").exists()  # the cache goes once a dataset is scored
+
+
+def test_llava_onevision_predictions_match_an_independent_transformers_computation(data, tmp_path):
+    """OneVision's SigLIP tiles, anyres_max downscale and Qwen2 prompts, the same fixture and protocol."""
+    hf = onevision.write_tiny_onevision(tmp_path / "hf")
+    assert _mmeb(hf, data[0], tmp_path / "out", "--chunk-size", "7") == 0
+    assert_scored_as_the_reference(tmp_path / "out", data, onevision.Reference(hf))
 
 
 def test_ties_go_to_the_first_maximum_and_are_counted():

@@ -16,7 +16,7 @@ LIBRARY = REPO / "unime_jax"
 
 # Low to high. Each entry is a top-level module or package of unime_jax.
 LAYERS = [
-    {"config", "sharding"},
+    {"config", "sharding", "atomic", "cli_errors", "progress"},
     {"models"},
     {"processing"},
     {"backbones"},
@@ -28,7 +28,8 @@ LAYERS = [
     {"eval"},
     {"demo"},
     {"runs"},
-    {"", "cli_args", "encode", "encode_io", "mine", "teacher", "train"},  # the CLIs ("" = the package's __init__)
+    # The CLIs ("" = the package's __init__) and the adapters to other libraries' interfaces.
+    {"", "cli_args", "encode", "encode_io", "mine", "teacher", "train", "integrations"},
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Beyond the order: processing stays generic, numpy/PIL over shared pieces (the issue's rule).

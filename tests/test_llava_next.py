@@ -15,10 +15,10 @@ import torch
 import transformers
 from flax import nnx
 from helpers import hf_models
+from helpers.layouts import RENAMES, assert_renamed_checkpoint_loads_the_same
 from helpers.tensors import assert_bit_identical, tensors
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
-from safetensors.numpy import save_file
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
@@ -287,47 +287,10 @@ def test_cli_round_trip_is_bit_exact(llava, tmp_path):
     assert all(not keys for keys in info.values()), info
 
 
-def _hub_to_state_dict(key: str) -> str:
-    """Hub name -> name in the transformers 4.57 in-memory state_dict."""
-    renames = {
-        "language_model.model.": "model.language_model.",
-        "language_model.lm_head.": "lm_head.",
-        "vision_tower.": "model.vision_tower.",
-        "multi_modal_projector.": "model.multi_modal_projector.",
-        "image_newline": "model.image_newline",
-    }
-    for old, new in renames.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    raise AssertionError(key)
-
-
-@pytest.mark.parametrize(
-    "rename",
-    [
-        # transformers 5 save_pretrained flattens CLIP.
-        lambda k: k.replace("vision_tower.vision_model.", "vision_tower."),
-        # transformers 4.57 state_dict.
-        _hub_to_state_dict,
-        # transformers 5 state_dict: the 4.57 names with CLIP flattened.
-        lambda k: _hub_to_state_dict(k).replace("model.vision_tower.vision_model.", "model.vision_tower."),
-    ],
-    ids=["v5_saved", "v4_state_dict", "v5_state_dict"],
-)
-def test_other_key_layouts_load_the_same_parameters(llava, tmp_path, rename):
+@pytest.mark.parametrize("layout", sorted(RENAMES))
+def test_other_key_layouts_load_the_same_parameters(llava, tmp_path, layout):
     src, _, loaded = llava
-    (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    stored = tensors(src)
-    renamed = {rename(k): v for k, v in stored.items()}
-    assert len(renamed) == len(stored) and renamed.keys() != stored.keys()
-    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    other = load_hf_model(tmp_path, progress=False)
-    expected = nnx.to_flat_state(nnx.state(loaded.model))
-    for (path, var), (other_path, other_var) in zip(
-        expected, nnx.to_flat_state(nnx.state(other.model)), strict=True
-    ):
-        assert path == other_path
-        np.testing.assert_array_equal(np.asarray(other_var.get_value()), np.asarray(var.get_value()))
+    assert_renamed_checkpoint_loads_the_same(src, loaded, RENAMES[layout], tmp_path)
 
 
 # Shaped like llava-hf/llava-v1.6-mistral-7b-hf's config.json: its sub-configs hold only the fields

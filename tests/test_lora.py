@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 from pathlib import Path
 
 import jax
@@ -14,15 +12,14 @@ import pytest
 import torch
 from flax import nnx
 from helpers import hf_models
-from peft import PeftModel
+from helpers.adapters import load_peft_quietly, merge_and_export
 from safetensors import safe_open
 
 from unime_jax.backbones import spec_for
 from unime_jax.backbones.decoder_hf import lm_targets
 from unime_jax.config import load_config
-from unime_jax.conversion import export_hf, load_hf_model
+from unime_jax.conversion import load_hf_model
 from unime_jax.conversion.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft
-from unime_jax.conversion.to_jax import read_hf_config
 from unime_jax.models import lora
 from unime_jax.models.lora import LoRAConfig
 from unime_jax.runs.schema import Config
@@ -264,6 +261,26 @@ def test_dropout_masks_follow_the_reseeded_key(hf_dirs):
     assert _max_diff(no_grad_pass, first) <= MERGE_TOL  # the same masks as the eager reseed(1)
 
 
+def test_dropout_masks_come_from_the_rbg_generator(hf_dirs):
+    """Masks are RngBitGenerator bits (cheap), not threefry's; the step key's own layout is unchanged."""
+    loaded, _ = _lora_model(hf_dirs, "mistral", dropout=0.5)
+    graphdef, params, frozen = nnx.split(loaded.model, nnx.LoRAParam, ...)
+    fresh = jax.tree.leaves(lora.lora_dropout_keys(frozen, jax.random.PRNGKey(3)))
+    keys = [v for v in fresh if jnp.issubdtype(v.dtype, jax.dtypes.prng_key)]
+    assert keys and all(str(jax.random.key_impl(k)) == "rbg" for k in keys)
+
+    def forward(p: nnx.State, key: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, p, lora.lora_dropout_keys(frozen, key), copy=True)
+        return model(jnp.asarray(IDS))
+
+    hlo = jax.jit(forward).lower(params, jax.random.PRNGKey(3)).as_text()
+    assert "rng_bit_generator" in hlo
+    # Same key, same masks; another key, other masks.
+    first = np.asarray(jax.jit(forward)(params, jax.random.PRNGKey(3)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(forward)(params, jax.random.PRNGKey(3))), first)
+    assert _max_diff(np.asarray(jax.jit(forward)(params, jax.random.PRNGKey(4))), first) > 1e-3
+
+
 def test_no_dropout_needs_no_rng_state(hf_dirs):
     loaded, _ = _lora_model(hf_dirs, "phi3", dropout=0.0)
     assert not nnx.state(loaded.model, nnx.RngState)
@@ -309,25 +326,12 @@ def test_peft_adapter_and_merged_export_match_peft(hf_dirs, family, tmp_path, ca
     with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS, "np") as f:
         assert "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight" in f.keys()  # noqa: SIM118
 
-    base = hf_models.load_torch(hf_dirs[family])
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert [str(w.message) for w in caught] == []
-    assert caplog.records == []
+    peft_model = load_peft_quietly(hf_models.load_torch(hf_dirs[family]), tmp_path / "adapter", caplog)
     assert _max_diff(_torch_hidden(peft_model), ours) <= TOL
 
     reference = _torch_hidden(peft_model.merge_and_unload())
-    lora.merge_lora(model)
-    export_hf(
-        model,
-        loaded.spec,
-        loaded.config,
-        tmp_path / "merged",
-        stored_hf_config=read_hf_config(hf_dirs[family]),
-        progress=False,
-    )
-    assert _max_diff(_torch_hidden(hf_models.load_torch(tmp_path / "merged")), reference) <= TOL
+    merged = merge_and_export(model, loaded, hf_dirs[family], tmp_path / "merged")
+    assert _max_diff(_torch_hidden(merged), reference) <= TOL
 
 
 def test_peft_export_checks_the_config(hf_dirs, tmp_path):

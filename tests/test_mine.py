@@ -399,3 +399,19 @@ def test_too_many_bad_records_stop_before_writing(world, tmp_path) -> None:
     status, _, err = run_cli("--model", str(world["model"]), *config, "--out", str(out), "--no-progress")
     assert status == 1 and "1 of 5 records cannot be embedded" in err and "max_bad_fraction=0.1" in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_records_are_said_to_be_in_the_manifest_only_once_it_is_written(world, tmp_path) -> None:
+    bad = [mine.BadRecord(i, "missing_image", f"data.parquet row {i}") for i in range(25)]
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        mine._report_bad(bad, 30)  # printed before the run knows whether it will write anything
+    assert "... and 5 more\n" in err.getvalue() and "manifest" not in err.getvalue()
+
+
+def test_a_top_k_above_every_candidate_pool_is_warned(world, reference, tmp_path) -> None:
+    beta = f"stage2.loss.beta={reference['beta']}"
+    args = ["--model", str(world["model"]), "--data", str(world["config"]), "--set", beta, "--no-progress"]
+    status, _, err = run_cli(*args, "--out", str(tmp_path / "wide"), "--top-k", "40", "--batch-size", "8")
+    assert status == 0, err
+    assert "warning: --top-k 40 is more than the 8 distinct other targets of the largest candidate pool" in err
+    assert f"all 2 bad records are listed in {tmp_path / 'wide' / MANIFEST_FILE}" in err

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers.llava import random_image
+from helpers.onevision import onevision_config, qwen2_tokenizer
 from helpers.tiny_configs import llava_config, phi3_v_config
 from helpers.tokenizers import llava_tokenizer, phi_tokenizer
 
@@ -24,7 +25,11 @@ from unime_jax.training.sections import LayoutSection, StageSection
 from unime_jax.training.tasks import Stage2Config, Stage2Task
 from unime_jax.training.trainer import Trainer
 
-BACKBONES = {"llava_next": (llava_config, llava_tokenizer), "phi3_v": (phi3_v_config, phi_tokenizer)}
+BACKBONES = {
+    "llava_next": (llava_config, llava_tokenizer),
+    "phi3_v": (phi3_v_config, phi_tokenizer),
+    "llava_onevision": (onevision_config, qwen2_tokenizer),
+}
 SIZES = [(30, 40), (28, 28), (90, 20), (50, 23), (20, 90), (60, 60)]
 TEXTS = [
     "a dog",
@@ -157,14 +162,48 @@ def test_packed_layout_refuses_a_trained_vision_tower(mesh):
     from unime_jax.runs.stages import _check_packable
     from unime_jax.training.sections import LoraSection
 
-    model = init_model(spec_for("llava_next"), llava_config(), mesh)
+    spec, cfg = spec_for("llava_next"), llava_config()
+    model = init_model(spec, cfg, mesh)
     packed = StageSection(layout=LayoutSection(mode="packed"))
     with pytest.raises(ValueError, match=r"stage2.layout.mode packed needs a frozen vision tower, but full"):
-        _check_packable("stage2", packed, model, None)
-    adapters = lora.LoRAConfig(4, 8.0, 0.0, "x")
-    vision = StageSection(layout=LayoutSection(mode="packed"), lora=LoraSection(vision=True))
-    with pytest.raises(ValueError, match=r"lora.vision adapts it; set stage2.layout.mode: padded"):
-        _check_packable("stage2", vision, model, adapters)
-    _check_packable(
-        "stage2", StageSection(layout=LayoutSection(mode="packed")), model, adapters
-    )  # LM-only LoRA
+        _check_packable("stage2", packed, model, spec, None)
+    lm_only = lora.apply_lora(model, lora.LoRAConfig(4, 8.0, 0.0, spec.lora_targets(cfg)), nnx.Rngs(0))
+    _check_packable("stage2", packed, model, spec, lm_only)
+    for section in (LoraSection(vision=True), LoraSection(preset="vlm2vec")):
+        adapted = lora.apply_lora(
+            init_model(spec, cfg, mesh),
+            lora.LoRAConfig(4, 8.0, 0.0, spec.lora_targets(cfg, vision=section.vision, preset=section.preset)),
+            nnx.Rngs(0),
+        )
+        with pytest.raises(ValueError, match=r"LoRA targets adapt it; set stage2.layout.mode: padded"):
+            _check_packable("stage2", packed, model, spec, adapted)
+
+
+def test_short_rows_fill_the_slots_longer_chunks_would_run_empty():
+    """One 16-token row opens a 4-row chunk of class text16; three 5-token rows ride in its empty
+    slots instead of opening a chunk of text8 (2 shards: the fuller shard sets how often both run)."""
+    lengths = [16, 5, 5, 5, 16, 16, 5, 5]  # dealt round-robin over 2 shards after sorting by class
+    ids = np.zeros((len(lengths), 16), np.int32)
+    mask = (np.arange(16) < np.array(lengths)[:, None]).astype(np.int32)
+    batch = {"query_input_ids": ids + 7, "query_attention_mask": mask}
+    spec = PackSpec(pack_classes((8, 16), (), chunk_tokens=64, max_rows=4), shards=2)
+    packed = pack_batch(batch, spec)
+    # Shard 0 holds two 16-token rows and two 5-token rows, shard 1 one and three: one text16
+    # chunk each, whose empty slots take every short row.
+    np.testing.assert_array_equal(packed["packed_chunks_text16"], [1, 1])
+    np.testing.assert_array_equal(packed["packed_chunks_text8"], [0, 0])
+    for d in range(2):
+        assert sorted(packed["packed_plan_text16"][d].reshape(-1)[:4]) == [0, 1, 2, 3]
+
+
+def test_without_image_classes_no_tiles_travel_and_an_image_row_is_refused(mesh):
+    """Text-only data: the roles' zero tile slots stay behind, so the step builds no tile table."""
+    _, _, featurizer, padded = _padded("llava_next", 8, seed=2)
+    text_only = PackSpec(pack_classes(packed_lengths(featurizer.seq_len), (), 64, max_rows=2), 1)
+    images = {f"{r}_num_tiles" for r in ("query", "target")}
+    with pytest.raises(ValueError, match=r"a image row of \d+ tokens fits no packed image class"):
+        pack_batch(padded, text_only)
+    no_tiles = {k: (np.zeros_like(v) if k in images else v) for k, v in padded.items()}
+    packed = pack_batch(no_tiles, text_only)
+    assert "packed_tiles" not in packed and "packed_tile_chunks" not in packed
+    assert not any(k.endswith("pixel_values") for k in packed)

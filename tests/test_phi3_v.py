@@ -24,6 +24,7 @@ from helpers.phi3_v_reference import (  # noqa: F401
     RefModel,
     reference_clip,
     reference_config,
+    write_reference,
 )
 from helpers.tensors import assert_bit_identical, tensors
 from safetensors.numpy import load_file, save_file
@@ -57,17 +58,8 @@ def processor_token_count(h: int, w: int) -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, reference_clip):  # noqa: F811
     """(HF directory, reference model); the directory holds what save_pretrained writes."""
-    torch.manual_seed(0)
-    ref = RefModel(reference_config()).eval()
-    embedding = ref.model.vision_embed_tokens
-    with torch.no_grad():  # HF initialises the separators to zero; random ones make misplacement visible
-        embedding.glb_GN.normal_()
-        embedding.sub_GN.normal_()
-    # `wte` is embed_tokens itself; safetensors refuses aliases unless one is declared tied.
-    embedding._dynamic_tied_weights_keys = ["wte.weight"]
     out = tmp_path_factory.mktemp("phi3_v") / "hf"
-    ref.save_pretrained(out, safe_serialization=True)
-    return out, ref
+    return out, write_reference(out)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import hf_models
-from helpers.batches import stage1_batch, stage2_batch
+from helpers.batches import fixed_batch_losses, stage1_batch, stage2_batch
 
 from unime_jax.conversion import load_hf_model
 from unime_jax.sharding import global_batch, make_mesh
@@ -76,14 +76,7 @@ def test_gradcache_needs_less_peak_memory(mistral_dir, mesh):
 
 def test_train_step_compiles_once_and_learns(mistral_dir, mesh):
     trainer = _trainer(mistral_dir, mesh, Stage2Task(Stage2Config(k=4)), chunks=2, learning_rate=3e-3)
-    state = trainer.init_state(seed=0)
-    fixed = global_batch(stage2_batch(16, 5), mesh)
-    losses = []
-    for step in range(6):
-        batch = fixed if step % 2 == 0 else global_batch(stage2_batch(16, 100 + step), mesh)
-        state, metrics = trainer.step(state, batch)
-        if step % 2 == 0:
-            losses.append(float(metrics["loss"]))
+    state, losses = fixed_batch_losses(trainer, mesh)
     assert trainer._step_fn._cache_size() == 1
     assert int(state.step) == 6
     assert losses[-1] < losses[0], losses
@@ -126,3 +119,45 @@ def test_checkpoint_from_another_model_is_refused(mistral_dir, mesh, tmp_path):
         jax.tree.map(np.asarray, state.params),
     )
     ckpts.close()
+
+
+def test_the_loop_sends_batch_k_plus_1_before_reading_step_ks_metrics(mistral_dir, mesh, tmp_path):
+    """The next batch is read and sent while a step runs; each checkpoint's iterator stands at its step."""
+    import grain
+
+    from unime_jax.training import loop
+    from unime_jax.training.checkpoints import Checkpoints
+    from unime_jax.training.metrics import MetricsWriter
+
+    events: list[str] = []
+
+    def batch(k: int) -> dict:
+        events.append(f"read {k}")
+        return stage2_batch(16, 100 + k)
+
+    def batches() -> grain.DatasetIterator:
+        synchronous = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # reads happen at next()
+        return iter(grain.MapDataset.range(100).map(batch).to_iter_dataset(synchronous))
+
+    class Recording(MetricsWriter):
+        def write(self, step: int, values: dict, prefix: str = "train") -> None:
+            events.append(f"metrics {step}")
+            super().write(step, values, prefix)
+
+    model = load_hf_model(mistral_dir, mesh, progress=False).model
+    stage = StageSection(grad_chunks=2, save_every=2, log_every=1, optimizer=OptimizerConfig())
+    trainer = Trainer(model, Stage2Task(Stage2Config(k=4)), stage, total_steps=5, mesh=mesh)
+    checkpoints = Checkpoints(tmp_path / "ckpt", {"t": 1}, {}, keep=5)
+    writer = Recording(tmp_path, enabled=False)
+    loop.run(trainer, trainer.init_state(seed=0), batches(), writer, checkpoints=checkpoints)
+    assert events == [
+        "read 0", "read 1", "metrics 1",  # batch 1 is on its way before step 1's metrics are read
+        "metrics 2", "read 2",  # ... except at a save (step 2), where it is read after the checkpoint
+        "read 3", "metrics 3", "metrics 4", "read 4", "metrics 5",
+    ]
+    for step in (2, 4):
+        resumed = batches()
+        checkpoints.restore(step, trainer.init_state(seed=0), resumed)
+        expected = stage2_batch(16, 100 + step)["query_input_ids"]
+        np.testing.assert_array_equal(next(resumed)["query_input_ids"], expected)
+    checkpoints.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unime_jax.cli_errors import add_debug_flag
+
 
 def model_cli_parser(prog: str, description: str, epilog: str, model_example: str) -> argparse.ArgumentParser:
     """An argument parser for a CLI that runs a UniME model, with its required ``--model``."""
@@ -21,4 +23,5 @@ def model_cli_parser(prog: str, description: str, epilog: str, model_example: st
         help="converted unime-jax checkpoint (unime_model.yaml) or HuggingFace model directory "
         f"(config.json, converted on the fly), with its tokenizer files; {model_example}",
     )
+    add_debug_flag(parser)
     return parser

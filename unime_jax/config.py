@@ -24,6 +24,7 @@ import difflib
 import functools
 import inspect
 import io
+import operator
 import os
 import re
 import textwrap
@@ -38,8 +39,10 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "FieldError",
     "add_config_args",
     "apply_overrides",
+    "check_range",
     "config_from_args",
     "describe",
     "dump_yaml",
@@ -54,6 +57,40 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override does not match the config dataclasses."""
+
+    exit_code = 2  # a usage error for the command lines (unime_jax.cli_errors)
+
+
+class FieldError(ValueError):
+    """A dataclass's own check (``__post_init__``) rejects one of its fields: :func:`from_dict`
+    reports it at that field's dotted key, with the file or ``--set`` it came from."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
+
+
+def check_range(
+    obj: Any,
+    name: str,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+) -> None:
+    """Raise :class:`FieldError` unless ``obj.name`` lies in the range (None passes: "not set")."""
+    value = getattr(obj, name)
+    bounds = [
+        (at_least, operator.ge, "at least"),
+        (above, operator.gt, "above"),
+        (at_most, operator.le, "at most"),
+        (below, operator.lt, "below"),
+    ]
+    bounds = [(bound, holds, words) for bound, holds, words in bounds if bound is not None]
+    if value is not None and not all(holds(value, bound) for bound, holds, _ in bounds):  # NaN fails too
+        wanted = " and ".join(f"{words} {bound}" for bound, _, words in bounds)
+        raise FieldError(name, f"must be {wanted}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,6 +530,9 @@ def from_dict(
             raise ConfigError(f"missing required field '{path}'{_suffix(source, where)}")
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        path = _join(where, e.field)
+        raise ConfigError(f"{path} {e.message}{_suffix(source, path)}") from e
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise

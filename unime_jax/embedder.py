@@ -41,13 +41,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
-from tqdm.auto import tqdm
 
 from unime_jax.backbones import spec_for
 from unime_jax.model_io import MODEL_FILE, load_model
 from unime_jax.models.pooling import embed
 from unime_jax.processing.featurizer import Arrays, BackboneFeaturizer
-from unime_jax.processing.images import DECODE_ERRORS, ImageInput
+from unime_jax.processing.images import DECODE_ERRORS, ImageInput, resize_square
 from unime_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
 __all__ = [
@@ -167,21 +166,13 @@ def _image_size(source: ImageSource, index: int, resize: int | None) -> tuple[in
     return size if resize is None else (resize, resize)
 
 
-def _square(image: ImageInput, size: int) -> Image.Image:
-    """VLM2Vec's ``process_image``: the image as opened resized to size x size (PIL's default filter
-    for its mode, aspect ratio ignored), then converted to RGB."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    return image.resize((size, size)).convert("RGB")
-
-
 def _open_image(source: ImageSource, index: int, resize: int | None) -> ImageInput:
     if isinstance(source, Image.Image | np.ndarray):
-        return source if resize is None else _square(source, resize)
+        return source if resize is None else resize_square(source, resize)
     try:
         with _open_file(source) as image:
             image.load()  # decode now, so a corrupt file is reported here, with its index
-            return image.convert("RGB") if resize is None else _square(image, resize)
+            return image.convert("RGB") if resize is None else resize_square(image, resize)
     except DECODE_ERRORS as e:
         raise InputError(index, f"cannot read image {_describe(source)}: {e}") from e
 
@@ -440,7 +431,7 @@ class UniME:
         """
         rows = _rows(texts, images)
         show = len(rows) > batch_size if progress is None else progress
-        with tqdm(total=len(rows), desc="encode", unit="input", disable=not show) as bar:
+        with progress(total=len(rows), desc="encode", unit="input", disable=not show) as bar:
             (encoded,) = self.encode_stream(
                 [rows], instruction, raw=raw, batch_size=batch_size, workers=workers, on_rows=bar.update
             )

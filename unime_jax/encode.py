@@ -17,10 +17,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from unime_jax.cli_args import model_cli_parser
+from unime_jax.cli_errors import run
 from unime_jax.encode_io import Columns, InputProblem, Output, Row, Table, chunked, open_table
+from unime_jax.progress import progress
 
 if TYPE_CHECKING:
     from unime_jax.embedder import UniME
@@ -67,8 +67,10 @@ errors:
   counted in a warning; rows with an image are never shortened.
 
 exit status:
-  0 on success, 1 on a bad row (without --skip-bad), 2 on a usage error (unreadable input,
-  unwritable --out, unusable model), 130 when interrupted (resumable).
+  0 on success, 1 on a bad row (without --skip-bad) or a full disk (the space for the embeddings is
+  claimed before the first row is embedded), 2 on a usage error (unreadable input, unwritable --out,
+  unusable model), 130 when interrupted (resumable). --debug (or UNIME_JAX_DEBUG=1) adds the
+  traceback to an error.
 
 performance:
   Images are decoded once, in --workers threads, while the device runs the batches before them.
@@ -200,7 +202,7 @@ def _encode(args: argparse.Namespace, table: Table, output: Output) -> int:
             yield [BadInput(row.error) if row.error else (row.text, row.image) for row in chunk]
 
     truncated = 0
-    with tqdm(
+    with progress(
         total=output.rows, initial=output.done, desc="encode", unit="row", disable=args.no_progress
     ) as bar:
         stream = model.encode_stream(
@@ -236,6 +238,10 @@ def _finish(output: Output, truncated: int, max_len: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run(lambda: _main(args), debug=args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
     columns = Columns(args.text_column or "text", args.image_column or "image", args.id_column)
     try:
         table = open_table(args.input, args.image_root, columns)

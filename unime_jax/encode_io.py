@@ -11,6 +11,7 @@ place and the folder is removed, so ``OUT`` only ever appears complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -269,6 +270,22 @@ def ids_path(out: Path) -> Path:
     return out.with_name(f"{stem}.ids.txt")
 
 
+def _reserve(path: Path) -> None:
+    """Claim the whole file's disk space now. A memory-mapped file is sparse: on a full disk a write
+    into it would kill the process (SIGBUS) mid-run; reserving fails here with ENOSPC instead."""
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                return
+            raise OSError(
+                e.errno,
+                f"cannot reserve {os.fstat(file.fileno()).st_size} bytes for the embeddings ({e.strerror})",
+                str(path),
+            ) from e
+
+
 def _fingerprint(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
@@ -347,6 +364,7 @@ class Output:
                 return
         self.done, self.bad = 0, {}
         self._embeddings = np.lib.format.open_memmap(self._array, mode="w+", dtype=np.float32, shape=shape)
+        _reserve(self._array)
         self._save_progress(dim)
 
     def write(self, embeddings: np.ndarray, bad: dict[int, str]) -> None:

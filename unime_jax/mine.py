@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from unime_jax.cli_args import model_cli_parser
+from unime_jax.cli_errors import run, usage_errors
 from unime_jax.config import ConfigError, load_config
 from unime_jax.data.errors import BadSample, DataError
 from unime_jax.data.examples import Side, mmeb_pair, mmeb_where
-from unime_jax.data.negatives import UNMINED, MinedManifest, table_sha256, write_mined
+from unime_jax.data.negatives import MANIFEST_FILE, UNMINED, MinedManifest, table_sha256, write_mined
 from unime_jax.data.pipeline import mmeb_source
 from unime_jax.embedder import InputError, UniME
 from unime_jax.runs.schema import Config
@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 EPILOG = """\
 data:
   --data is a training run config (what python -m unime_jax.train --config takes; --set overrides
-  apply as there). data.mmeb selects the records, data.text.max_len bounds the texts as in
-  training, data.loader.max_bad_fraction bounds the bad records, stage2.loss.beta is the default β.
+  apply as there). data.mmeb selects the records (data.mmeb.image_size resizes their images as in
+  training), data.text.max_len bounds the texts as in training, data.loader.max_bad_fraction bounds
+  the bad records, stage2.loss.beta is the default β.
 
 candidates:
   For record i: the targets of the same subset (--across-subsets: of any subset) that differ from
@@ -165,19 +166,25 @@ def _encode_pairs(
 
 
 def embed_records(
-    model: UniME, source: MmebSource, image_root: Path, batch_size: int, progress: bool
+    model: UniME,
+    source: MmebSource,
+    image_root: Path,
+    batch_size: int,
+    progress: bool,
+    image_size: int | None = None,
 ) -> Embeddings:
-    """Every record's query and target embedding, as stage 2 would feed them; bad records listed."""
+    """Every record's query and target embedding, as stage 2 would feed them (images resized to
+    image_size x image_size when set, as ``data.mmeb.image_size``); bad records listed."""
     queries = np.zeros((len(source), model.dim), np.float32)
     targets = np.zeros_like(queries)
     bad: list[BadRecord] = []
     chunk = _CHUNK_BATCHES * batch_size
-    with tqdm(total=len(source), desc="embed", unit="record", disable=not progress) as bar:
+    with progress(total=len(source), desc="embed", unit="record", disable=not progress) as bar:
         for start in range(0, len(source), chunk):
             indices, pairs = [], []
             for i in range(start, min(start + chunk, len(source))):
                 try:
-                    pairs.append(mmeb_pair(source[i], image_root))
+                    pairs.append(mmeb_pair(source[i], image_root, image_size))
                     indices.append(i)
                 except BadSample as e:
                     bad.append(BadRecord(i, e.reason, e.where))
@@ -266,7 +273,7 @@ def mine(
     negatives = np.full((records, k), UNMINED, np.int32)
     scores = np.full((records, k), np.nan, np.float32)
     n_valid, n_candidates, n_dropped = (np.zeros(records, np.int64) for _ in range(3))
-    with tqdm(total=records, desc="rank", unit="record", disable=not progress) as bar:
+    with progress(total=records, desc="rank", unit="record", disable=not progress) as bar:
         for start, stop in pools:
             ids, usable = target_ids[start:stop], good[start:stop]
             pool = [jax.device_put(x) for x in (embeddings.targets[start:stop], ids, _distinct(ids, usable))]
@@ -304,9 +311,22 @@ def _report_bad(bad: list[BadRecord], records: int) -> None:
     for record in bad[:_SHOWN_BAD]:
         print(f"bad record {record.index} ({record.reason}): {record.where}", file=sys.stderr)
     if len(bad) > _SHOWN_BAD:
-        print(f"... and {len(bad) - _SHOWN_BAD} more (listed in the manifest)", file=sys.stderr)
+        print(f"... and {len(bad) - _SHOWN_BAD} more", file=sys.stderr)
     if bad:
         print(f"{len(bad)} of {records} records cannot be embedded", file=sys.stderr)
+
+
+def _warn_top_k(k: int, embeddings: Embeddings, target_ids: np.ndarray, pools: list[tuple[int, int]]) -> None:
+    """A K above what any record can have fills its row by repeating candidates: say so."""
+    good = embeddings.good
+    most = max((int(_distinct(target_ids[a:b], good[a:b]).sum()) - 1 for a, b in pools), default=0)
+    if k > most:
+        print(
+            f"warning: --top-k {k} is more than the {max(most, 0)} distinct other targets of the largest "
+            "candidate pool; rows repeat their candidates to fill the table (a smaller --top-k, or "
+            "--across-subsets, avoids that)",
+            file=sys.stderr,
+        )
 
 
 def _error(message: str, status: int) -> int:
@@ -343,25 +363,26 @@ def _manifest(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run(lambda: _mine(args), debug=args.debug)
+
+
+def _mine(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         return _error(f"model directory {args.model} does not exist", 2)
     if args.out.exists() and not args.overwrite:
         return _error(f"{args.out} exists; pass --overwrite to replace it", 2)
-    try:
+    with usage_errors(ConfigError, DataError, ValueError, OSError):
         cfg = load_config(args.data, args.overrides or (), Config)
         source = mmeb_source(cfg.data)
-    except (ConfigError, DataError) as e:
-        return _error(str(e), 2)
-    image_root = cfg.data.mmeb.images
-    beta = cfg.stage2.loss.beta if args.beta is None else args.beta
-    try:
         model = UniME.load(
             args.model, dtype=args.dtype, max_len=cfg.data.text.max_len, progress=not args.no_progress
         )
-    except FileNotFoundError as e:
-        return _error(str(e), 2)
+    image_root = cfg.data.mmeb.images
+    beta = cfg.stage2.loss.beta if args.beta is None else args.beta
 
-    embeddings = embed_records(model, source, image_root, args.batch_size, not args.no_progress)
+    embeddings = embed_records(
+        model, source, image_root, args.batch_size, not args.no_progress, cfg.data.mmeb.image_size
+    )
     _report_bad(embeddings.bad, len(source))
     limit = cfg.data.loader.max_bad_fraction
     if len(embeddings.bad) > limit * len(source):
@@ -371,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             1,
         )
     pools = candidate_pools(source, args.across_subsets)
+    _warn_top_k(args.top_k, embeddings, source.target_ids, pools)
     mined = mine(
         embeddings, source.target_ids, pools, args.top_k, beta, args.block_rows, not args.no_progress
     )
@@ -379,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     counts = ", ".join(f"{name} {value}" for name, value in mined.counts.items())
     print(f"wrote {args.out}: {len(source)} records x {args.top_k} negatives (beta {beta}); {counts}")
+    if embeddings.bad:
+        print(f"all {len(embeddings.bad)} bad records are listed in {args.out / MANIFEST_FILE}", file=sys.stderr)
     return 0
 
 

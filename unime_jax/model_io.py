@@ -9,7 +9,9 @@ Layout of a converted checkpoint DIR:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
+from unime_jax.atomic import atomic_directory
 from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
 from unime_jax.config import from_dict, to_dict
 from unime_jax.sharding import make_mesh, state_shardings
@@ -49,6 +52,12 @@ AUX_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or inconsistent."""
+
+
+def first_line(error: BaseException, limit: int = 400) -> str:
+    """The gist of a long library error (tensorstore's run to pages): its first line, shortened."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dotted(path: tuple) -> str:
@@ -114,8 +123,11 @@ def read_model_config(ckpt: Path) -> tuple[BackboneSpec, Any]:
         raise CheckpointError(
             f"{ckpt} is not a unime-jax checkpoint: {MODEL_FILE} is missing (convert it with `python -m convert to-jax`)"
         )
-    raw = yaml.safe_load(path.read_text())
-    spec = spec_for(raw["model_type"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+        spec = spec_for(raw["model_type"])
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a valid {MODEL_FILE} ({first_line(e)}); convert the model again") from e
     return spec, from_dict(spec.config_cls, raw["config"], where=str(path))
 
 
@@ -129,6 +141,17 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _check_space(directory: Path, nbytes: int, out: str | os.PathLike[str]) -> None:
+    """ENOSPC before writing any tensor when the parameters cannot fit in ``directory``'s file system."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} for the checkpoint: its parameters need {nbytes} bytes, {free} are free",
+            str(out),
+        )
+
+
 def save_model(
     out: Path,
     model: nnx.Module,
@@ -136,19 +159,34 @@ def save_model(
     cfg: Any,
     hf_config: dict | None = None,
     aux_from: Path | None = None,
+    tokenizer: Any | None = None,
 ) -> None:
-    """Write a checkpoint directory; orbax commits params atomically (temp dir, then rename)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write a new checkpoint directory, whole or not at all: it is built under a temporary name
+    and renamed into place (:func:`unime_jax.atomic.atomic_directory`), so a killed or failed
+    save (a full disk) leaves no ``out`` and nothing half-written that a rerun would trip over.
+
+    ``aux_from`` copies tokenizer files from a directory; ``tokenizer`` saves a tokenizer object.
+    Raises FileExistsError when ``out`` exists and is not empty.
+    """
     flat = {name: var.get_value() for name, var in variables(nnx.state(model))}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((out / PARAMS_DIR).absolute(), _nested(flat))
-    checkpointer.wait_until_finished()
-    write_model_config(out, model_type, cfg)
-    if hf_config is not None:
-        (out / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
-    if aux_from is not None:
-        copy_aux_files(Path(aux_from), out)
+    with atomic_directory(out, collective=True) as partial:  # every process writes its shards
+        _check_space(partial, sum(int(x.nbytes) for x in flat.values()), out)
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            checkpointer.save((partial / PARAMS_DIR).absolute(), _nested(flat))
+            checkpointer.wait_until_finished()
+        except ValueError as e:  # tensorstore reports a full disk as RESOURCE_EXHAUSTED
+            if "No space left" not in str(e):
+                raise
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} while writing {out}") from e
+        if jax.process_index() == 0:
+            write_model_config(partial, model_type, cfg)
+            if hf_config is not None:
+                (partial / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+            if aux_from is not None:
+                copy_aux_files(Path(aux_from), partial)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
 
 
 @dataclass
@@ -180,7 +218,10 @@ def load_model(ckpt: Path, mesh: Mesh | None = None, **runtime: Any) -> LoadedMo
     params_dir = (ckpt / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{ckpt}: {PARAMS_DIR}/ is missing; the checkpoint is incomplete")
-    restored = _flatten(ocp.StandardCheckpointer().restore(params_dir, _nested(target)))
+    try:
+        restored = _flatten(ocp.StandardCheckpointer().restore(params_dir, _nested(target)))
+    except (ValueError, OSError, KeyError) as e:  # truncated or missing tensor files, a damaged index
+        raise CheckpointError(f"cannot read the parameters in {params_dir}: {first_line(e)}") from e
     for name, var in variables(abstract):
         var.set_value(restored[name].astype(jnp.dtype(cfg.param_dtype)))
     return LoadedModel(nnx.merge(graphdef, abstract), spec, cfg, ckpt)

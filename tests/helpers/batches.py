@@ -28,3 +28,30 @@ def stage1_batch(rows: int, seed: int, teacher_dim: int = 24) -> dict[str, np.nd
         batch.update(_texts(rng, rows, group))
         batch[f"teacher_{group}"] = rng.standard_normal((rows, teacher_dim)).astype(np.float32)
     return batch
+
+
+def fixed_batch_losses(trainer, mesh, steps: int = 6) -> tuple[object, list[float]]:
+    """`steps` steps from a fresh state, one fixed stage-2 batch of 16 alternating with new ones:
+    (the final state, the losses on the fixed batch), which fall when the model learns."""
+    from unime_jax.sharding import global_batch
+
+    state = trainer.init_state(seed=0)
+    fixed = global_batch(stage2_batch(16, 5), mesh)
+    losses = []
+    for step in range(steps):
+        batch = fixed if step % 2 == 0 else global_batch(stage2_batch(16, 100 + step), mesh)
+        state, metrics = trainer.step(state, batch)
+        if step % 2 == 0:
+            losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def stage2_trainer(model, mesh, chunks: int = 2):
+    """A stage-2 trainer (k=4, GradCache over `chunks`, lr 3e-3 for 10 steps) over `model`."""
+    from unime_jax.training.optimizer import OptimizerConfig
+    from unime_jax.training.sections import StageSection
+    from unime_jax.training.tasks import Stage2Config, Stage2Task
+    from unime_jax.training.trainer import Trainer
+
+    stage = StageSection(grad_chunks=chunks, optimizer=OptimizerConfig(learning_rate=3e-3))
+    return Trainer(model, Stage2Task(Stage2Config(k=4)), stage, total_steps=10, mesh=mesh)

@@ -3,6 +3,8 @@ with a shallow, narrow tower and LM."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -14,7 +16,17 @@ from vlm2vec_for_pyserini.model.baseline_backbone.phi3_v.modeling_phi3_v import 
     Phi3VForCausalLM as RefModel,
 )
 
-__all__ = ["BOS", "CLIP_OVERRIDES", "PAD", "VOCAB", "RefConfig", "RefModel", "reference_clip", "reference_config"]
+__all__ = [
+    "BOS",
+    "CLIP_OVERRIDES",
+    "PAD",
+    "VOCAB",
+    "RefConfig",
+    "RefModel",
+    "reference_clip",
+    "reference_config",
+    "write_reference",
+]
 
 VOCAB, PAD, BOS = 500, 0, 1
 # Only these CLIP fields are free in the reference; they go into config.json as our
@@ -58,6 +70,25 @@ def reference_config() -> RefConfig:
         },
         _attn_implementation="eager",
     )
+
+
+def write_reference(out: Path, *, vocab_size: int = VOCAB, seed: int = 0) -> RefModel:
+    """A random reference model saved to `out` as save_pretrained writes it (run under `reference_clip`).
+
+    HF initialises the separators to zero; random ones make a misplaced separator visible.
+    """
+    cfg = reference_config()
+    cfg.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    ref = RefModel(cfg).eval()
+    embedding = ref.model.vision_embed_tokens
+    with torch.no_grad():
+        embedding.glb_GN.normal_()
+        embedding.sub_GN.normal_()
+    # `wte` is embed_tokens itself; safetensors refuses aliases unless one is declared tied.
+    embedding._dynamic_tied_weights_keys = ["wte.weight"]
+    ref.save_pretrained(out, safe_serialization=True)
+    return ref
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The decoder families (Llama, Mistral, Phi-3): HF config.json mapping and LoRA module names.
+"""The decoder families (Llama, Mistral, Phi-3, Qwen2): HF config.json mapping and LoRA module names.
 
-Shared by the text-only backbones and by the language models inside LLaVA-NeXT and Phi-3.5-V.
+Shared by the text-only backbones and by the language models inside LLaVA-NeXT, Phi-3.5-V and
+LLaVA-OneVision.
 transformers 4.x writes ``rope_theta``/``rope_scaling``; 5.x writes ``rope_parameters``. Both are
 read; export writes the 4.x layout, which both major versions load.
 """
@@ -16,7 +17,7 @@ from unime_jax.models.rope import RopeScaling
 
 __all__ = ["FAMILIES", "decoder_from_hf", "decoder_to_hf", "lm_targets"]
 
-FAMILIES = ("llama", "mistral", "phi3")
+FAMILIES = ("llama", "mistral", "phi3", "qwen2")
 
 
 def _rope_fields(hf: dict) -> tuple[float, dict | None]:
@@ -53,6 +54,9 @@ def decoder_from_hf(hf: dict) -> DecoderConfig:
     heads = hf["num_attention_heads"]
     theta, scaling = _rope_fields(hf)
     window = hf.get("sliding_window") if family in ("mistral", "phi3") else None
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        # Qwen2 windows only the layers from max_window_layers on; the one decoder windows all or none.
+        raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
     return DecoderConfig(
         family=family,
         vocab_size=hf["vocab_size"],
@@ -69,13 +73,19 @@ def decoder_from_hf(hf: dict) -> DecoderConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         sliding_window=window,
         attention_bias=bool(hf.get("attention_bias", False)),
+        qkv_bias=family == "qwen2",  # Qwen2's q/k/v always carry biases (its config has no switch)
         mlp_bias=bool(hf.get("mlp_bias", False)),
         hidden_act=hf.get("hidden_act", "silu"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 
 
 def decoder_to_hf(cfg: DecoderConfig) -> dict:
@@ -102,6 +112,8 @@ def decoder_to_hf(cfg: DecoderConfig) -> dict:
         hf["sliding_window"] = cfg.sliding_window
     if cfg.family == "phi3":
         hf["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.family == "qwen2":
+        hf["use_sliding_window"] = False
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         hf["original_max_position_embeddings"] = s.original_max_position_embeddings
@@ -122,6 +134,7 @@ _PROJECTIONS = {
     "phi3": r"self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj)",
     "llama": _SEPARATE,
     "mistral": _SEPARATE,
+    "qwen2": _SEPARATE,
 }
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from flax import nnx
 
+from unime_jax.backbones.lora_presets import PRESETS, VLM2VEC_MODULES, module_names_regex
+from unime_jax.backbones.torch_reference import ReferenceFn
 from unime_jax.processing.featurizer import BackboneFeaturizer, BackboneInputs
 from unime_jax.processing.prompts import PromptFormat, Templates
 
@@ -52,6 +54,8 @@ class BackboneSpec:
       lm_targets: regex of the decoder's attention and MLP projections, for a config (LoRA).
       vision_targets: regex of the vision tower's attention projections (LoRA on the tower).
       mmeb_max_len: the text budget of the official MMEB evaluation command for this backbone.
+      reference: loads the PyTorch model of an HF directory (our config, a dtype name) as a function
+        of our featurized inputs (``torch_reference.ReferenceFn``): ``convert verify``'s comparison.
     """
 
     model_type: str
@@ -68,9 +72,23 @@ class BackboneSpec:
     lm_targets: Callable[[Any], str] | None = None
     vision_targets: str | None = None
     mmeb_max_len: int = 512
+    reference: Callable[[Path, Any, str], ReferenceFn] | None = None
 
-    def lora_targets(self, cfg: Any, *, vision: bool = False) -> str:
-        """The regex of the modules UniME adapts: the decoder's projections (and the tower's)."""
+    def lora_targets(self, cfg: Any, *, vision: bool = False, preset: str = "unime") -> str:
+        """The regex of the modules to adapt.
+
+        ``preset`` "unime": the decoder's projections (and, with ``vision``, the tower's attention);
+        "vlm2vec": VLM2Vec's PEFT name list, which reaches the tower's attention by itself
+        (``lora_presets`` tabulates what it reaches on each backbone).
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(PRESETS)}")
+        if preset == "vlm2vec":
+            if vision:
+                raise ValueError(
+                    "the vlm2vec LoRA preset already adapts the vision tower's attention; drop vision"
+                )
+            return module_names_regex(VLM2VEC_MODULES)
         if self.lm_targets is None:
             raise ValueError(f"a {self.model_type} model has no language model to adapt")
         lm = self.lm_targets(cfg)

@@ -1,9 +1,9 @@
-"""Bare decoder language models (``llama``, ``mistral``, ``phi3``): UniME's stage-1 students and
+"""Bare decoder language models (``llama``, ``mistral``, ``phi3``, ``qwen2``): UniME's stage-1 students and
 the LMs inside the VLMs, converted and embedded on their own.
 
-They differ only by config (one decoder serves all three). A text-only LM takes the prompts of
+They differ only by config (one decoder serves all four). A text-only LM takes the prompts of
 the VLM it comes from: Phi-3(.5)-mini is Phi-3.5-V's LM, Mistral is LLaVA-1.6-Mistral's (Llama, as
-in LLaVA-1.6-Vicuna, gets the same ``[INST]`` form).
+in LLaVA-1.6-Vicuna, gets the same ``[INST]`` form), Qwen2 is LLaVA-OneVision's.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from unime_jax.backbones import llava_next, phi3_v
+from unime_jax.backbones import llava_next, llava_onevision, phi3_v
 from unime_jax.backbones.decoder_hf import decoder_from_hf, decoder_to_hf, lm_targets
 from unime_jax.backbones.spec import BackboneSpec
 from unime_jax.models.decoder import DecoderConfig, DecoderLM
@@ -75,4 +75,9 @@ def _spec(model_type: str, vlm: BackboneSpec) -> BackboneSpec:
     )
 
 
-SPECS = (_spec("llama", llava_next.SPEC), _spec("mistral", llava_next.SPEC), _spec("phi3", phi3_v.SPEC))
+SPECS = (
+    _spec("llama", llava_next.SPEC),
+    _spec("mistral", llava_next.SPEC),
+    _spec("phi3", phi3_v.SPEC),
+    _spec("qwen2", llava_onevision.SPEC),
+)

@@ -2,7 +2,8 @@
 
 Writes `adapter_config.json` and `adapter_model.safetensors` as peft (0.21) saves them: tensor
 `base_model.model.<module>.lora_A.weight` (r, in) and `....lora_B.weight` (out, r), with no
-adapter name in the key; `target_modules` is the explicit list of adapted module names.
+adapter name in the key; `target_modules` is the explicit list of adapted module names. A DoRA
+adapter adds `....lora_magnitude_vector` (out,) and `use_dora: true`, as peft saves it.
 
 `<module>` must be the module name *in memory* of the transformers model the adapter is loaded
 onto (PEFT injects by module name before loading tensors). For Llama/Mistral/Phi-3 decoders these
@@ -51,7 +52,13 @@ def adapter_tensors(model: nnx.Module, cfg: LoRAConfig, layout: tuple[tuple[str,
         a = np.asarray(jax.device_get(linear.lora_A.kernel.get_value()))
         b = np.asarray(jax.device_get(linear.lora_B.kernel.get_value()))
         _check(path, a, linear.lora_scale, cfg)
-        for name, value in ((f"{path}.lora_A.kernel", a), (f"{path}.lora_B.kernel", b)):
+        if hasattr(linear, "lora_magnitude_vector") != (cfg.variant == "dora"):
+            raise ValueError(f"{path}: the adapter's variant differs from LoRAConfig.variant {cfg.variant!r}")
+        named = [(f"{path}.lora_A.kernel", a), (f"{path}.lora_B.kernel", b)]
+        if cfg.variant == "dora":
+            magnitude = linear.lora_magnitude_vector.get_value()
+            named.append((f"{path}.lora_magnitude_vector", np.asarray(jax.device_get(magnitude))))
+        for name, value in named:
             tensors[_PEFT_PREFIX + hf_key(name, layout)] = to_hf_array(name, value)
     return tensors
 
@@ -70,9 +77,9 @@ def adapter_config(
         "target_modules": modules,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": cfg.variant == "dora",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "modules_to_save": None,
         "inference_mode": True,
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -55,17 +55,23 @@ class SafetensorsDir:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for file in self.files:
-            with safe_open(file, framework="numpy") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    header = f.get_slice(key)
-                    self.key_file[key] = file
-                    self.shapes[key] = tuple(header.get_shape())
-                    self.dtypes[key] = header.get_dtype()
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        header = f.get_slice(key)
+                        self.key_file[key] = file
+                        self.shapes[key] = tuple(header.get_shape())
+                        self.dtypes[key] = header.get_dtype()
+            except SafetensorError as e:  # a truncated or damaged file: name it
+                raise ValueError(f"{file} is not a readable safetensors file ({e}); download or save it again") from e
 
     def _files(self) -> list[Path]:
         index = self.dir / INDEX_FILE
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index ({e!r}); download it again") from e
             missing = [n for n in names if not (self.dir / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
@@ -85,8 +91,12 @@ class SafetensorsDir:
         return _majority_float(_FLOAT_DTYPES.get(d, d) for d in self.dtypes.values())
 
     def get(self, key: str) -> np.ndarray:
-        with safe_open(self.key_file[key], framework="numpy") as f:
-            return f.get_tensor(key)
+        file = self.key_file[key]
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return f.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {key} from {file} ({e}); download or save it again") from e
 
 
 def parse_size(text: str) -> int:

@@ -8,12 +8,13 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
+from unime_jax.atomic import atomic_directory
 from unime_jax.backbones import BackboneSpec
 from unime_jax.conversion.mapping import hf_key, to_hf_array
 from unime_jax.conversion.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
 from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
+from unime_jax.progress import progress as progress_bar
 
 
 def hf_config_for(spec: BackboneSpec, cfg, stored: dict | None) -> dict:
@@ -45,7 +46,7 @@ def export_hf(
     shards = plan_shards(((name, params[name].nbytes) for name in params), parse_size(max_shard_size))
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
-    bar = tqdm(total=len(params), desc="to-hf", unit="tensor", disable=not progress)
+    bar = progress_bar(total=len(params), desc="to-hf", unit="tensor", disable=not progress)
     for file, members in zip(names, shards, strict=True):
         tensors = {keys[n]: to_hf_array(n, np.asarray(jax.device_get(params[n]))) for n in members}
         write_shard(out / file, tensors)
@@ -62,21 +63,24 @@ def export_hf(
 def export_checkpoint(
     ckpt: Path, out: Path, *, max_shard_size: str = "5GB", progress: bool = True
 ) -> list[str]:
-    """`to-hf`: our checkpoint directory -> HF directory (tokenizer files copied along)."""
+    """`to-hf`: our checkpoint directory -> HF directory (tokenizer files copied along), written
+    under a temporary name and renamed into place: a killed or failed export leaves no ``out``."""
     ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it first")
+    max_shard_bytes = parse_size(max_shard_size)  # a typo fails before the model loads
     loaded = load_model(ckpt)
     stored_path = ckpt / HF_CONFIG_FILE
     stored = json.loads(stored_path.read_text()) if stored_path.is_file() else None
-    names = export_hf(
-        loaded.model,
-        loaded.spec,
-        loaded.config,
-        out,
-        stored_hf_config=stored,
-        max_shard_size=max_shard_size,
-        progress=progress,
-    )
-    copy_aux_files(ckpt, out)
+    with atomic_directory(out) as partial:
+        names = export_hf(
+            loaded.model,
+            loaded.spec,
+            loaded.config,
+            partial,
+            stored_hf_config=stored,
+            max_shard_size=str(max_shard_bytes),
+            progress=progress,
+        )
+        copy_aux_files(ckpt, partial)
     return names

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from unime_jax.backbones import spec_for, with_runtime
 from unime_jax.conversion.mapping import from_hf_array, plan
 from unime_jax.conversion.safetensors_io import SafetensorsDir, TensorSource
 from unime_jax.model_io import LoadedModel, abstract_model, save_model, variables
+from unime_jax.progress import progress as progress_bar
 from unime_jax.sharding import make_mesh, state_shardings
 
 
@@ -23,8 +23,11 @@ def read_hf_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir} is not a HuggingFace model directory: config.json is missing")
-    hf = json.loads(path.read_text())
-    if "model_type" not in hf:
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or write it again") from e
+    if not isinstance(hf, dict) or "model_type" not in hf:
         raise ValueError(f"{path} has no 'model_type'; cannot tell which architecture to build")
     return hf
 
@@ -86,11 +89,11 @@ def load_from_source(
         aliases=spec.aliases,
     )
     if matched.ignored and progress:
-        tqdm.write(
+        print(
             f"skipping {len(matched.ignored)} recomputed buffer/alias tensor(s): {', '.join(matched.ignored)}"
         )
     dtype = jnp.dtype(cfg.param_dtype)
-    for name, key in tqdm(matched.pairs, desc="to-jax", unit="tensor", disable=not progress):
+    for name, key in progress_bar(matched.pairs, desc="to-jax", unit="tensor", disable=not progress):
         array = from_hf_array(name, reader.get(key))
         if jnp.issubdtype(array.dtype, jnp.floating):
             array = array.astype(dtype)
@@ -104,7 +107,7 @@ def convert_hf_dir(
 ) -> LoadedModel:
     """`to-jax`: HF directory -> our checkpoint directory (orbax params, configs, tokenizer files)."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it first")
     loaded = load_hf_model(hf_dir, param_dtype=param_dtype, progress=progress)
     save_model(

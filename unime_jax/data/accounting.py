@@ -29,6 +29,7 @@ class DataCounts:
     skipped: dict[str, int] = field(default_factory=dict)  # slots whose own sample was bad, by reason
     bad_replacements: int = 0  # random replacement draws that were bad as well
     truncated: int = 0  # texts shortened to fit max_len
+    missing_negatives: int = 0  # data-negative slots the data left empty (masked, not skipped)
 
     @property
     def num_skipped(self) -> int:
@@ -39,6 +40,7 @@ class DataCounts:
         self.skipped = dict(Counter(self.skipped) + Counter(other.skipped))
         self.bad_replacements += other.bad_replacements
         self.truncated += other.truncated
+        self.missing_negatives += other.missing_negatives
 
     def metrics(self, prefix: str = "data/") -> dict[str, int]:
         """Flat metric names → counts, e.g. ``data/skipped/missing_image``."""
@@ -47,6 +49,7 @@ class DataCounts:
             f"{prefix}skipped": self.num_skipped,
             f"{prefix}bad_replacements": self.bad_replacements,
             f"{prefix}truncated": self.truncated,
+            f"{prefix}missing_negatives": self.missing_negatives,
         }
         return flat | {f"{prefix}skipped/{reason}": n for reason, n in sorted(self.skipped.items())}
 
@@ -115,6 +118,24 @@ class DataIterator(grain.DatasetIterator):
             return
         if total.num_skipped > self._policy.max_bad_fraction * total.samples:
             raise DataError(self._summary(total))
+
+    def check_final(self) -> None:
+        """At the end of a run: the same limit, judged on every sample seen, however few (a run
+        shorter than ``min_samples`` would otherwise never be judged)."""
+        total = self.total_counts()
+        if total.num_skipped > self._policy.max_bad_fraction * total.samples:
+            raise DataError(self._summary(total))
+
+    def summary(self) -> str:
+        """One line for the end of a run: samples seen, skipped by reason, truncated."""
+        total = self.total_counts()
+        reasons = "".join(f", {reason} {n}" for reason, n in sorted(total.skipped.items()))
+        share = f" ({total.num_skipped / total.samples:.1%})" if total.samples else ""
+        return (
+            f"{total.samples} samples, {total.num_skipped} skipped as bad{share}{reasons}; "
+            f"{total.bad_replacements} bad replacement draws, {total.truncated} texts truncated"
+            + (f", {total.missing_negatives} negative slots empty" if total.missing_negatives else "")
+        )
 
     def _summary(self, total: DataCounts) -> str:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(total.skipped.items()))

@@ -76,6 +76,7 @@ class Collate:
             skipped=dict(Counter(bad.reason for bad in skipped)),
             bad_replacements=sum(slot.bad_replacements for slot in slots),
             truncated=sum(slot.example.truncated for slot in slots),
+            missing_negatives=sum(slot.example.missing_negatives for slot in slots),
         )
         batch[STATS_KEY] = BatchReport(counts, tuple(f"{bad.reason}: {bad.where}" for bad in skipped))
         return batch

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unime_jax.config import FieldError, check_range
+
 __all__ = ["DataSection", "LoaderSection", "MmebSection", "NliSection", "TextSection"]
 
 
@@ -26,10 +28,11 @@ class LoaderSection:
     max_replacement_draws: int = 32  # random replacements tried for a bad sample before giving up
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be within [0, 1], got {self.max_bad_fraction}")
+        for name in ("batch_size", "num_epochs", "worker_buffer_size"):
+            check_range(self, name, at_least=1)
+        for name in ("num_workers", "read_threads", "prefetch_batches", "min_samples_before_stop", "max_replacement_draws"):
+            check_range(self, name, at_least=0)
+        check_range(self, "max_bad_fraction", at_least=0, at_most=1)
         buckets = list(self.bucket_lengths)
         if buckets != sorted(set(buckets)) or any(b < 1 for b in buckets):
             raise ValueError(f"bucket_lengths must be positive and increasing, got {self.bucket_lengths}")
@@ -42,6 +45,11 @@ class TextSection:
     template: str = "{text}"  # stage-1 prompt with one {text} placeholder
     max_len: int = 64  # prompt length in tokens; longer texts are shortened (template kept) and counted
 
+    def __post_init__(self) -> None:
+        check_range(self, "max_len", at_least=1)
+        if self.template.count("{text}") != 1:
+            raise FieldError("template", f"must hold exactly one {{text}} placeholder, got {self.template!r}")
+
 
 @dataclass
 class NliSection:
@@ -51,6 +59,9 @@ class NliSection:
     teacher_dim: int | None = None  # require this embedding dimension (None: any)
     instruction: str | None = None  # require this teacher instruction (None: any)
 
+    def __post_init__(self) -> None:
+        check_range(self, "teacher_dim", at_least=1)
+
 
 @dataclass
 class MmebSection:
@@ -59,6 +70,12 @@ class MmebSection:
     split: Literal["original", "diverse_instruction"] = "original"  # instruction variant
     subsets: tuple[str, ...] = ()  # subsets to use; () = every subset found under root
     max_per_subset: int | None = 100000  # first rows kept per subset (VLM2Vec: 100000); None = all
+    # Stage 2 and the miner resize each image as VLM2Vec's process_image and eval's --image-size do.
+    image_size: int | None = None  # resize every image to N x N first (aspect ignored); None = native size
+
+    def __post_init__(self) -> None:
+        check_range(self, "max_per_subset", at_least=1)
+        check_range(self, "image_size", at_least=1)
 
     @property
     def images(self) -> Path:

@@ -10,6 +10,8 @@ from typing import Any
 class DataError(Exception):
     """The dataset as a whole cannot be used: malformed file, mismatched store, too many bad samples."""
 
+    exit_code = 1  # the command lines' status when it stops a run (unime_jax.cli_errors)
+
 
 class BadSample(Exception):
     """One sample cannot be featurized; the pipeline skips it, counts it under `reason` and logs `where`.

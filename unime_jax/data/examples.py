@@ -3,8 +3,9 @@
 Stage 1 (NLI): ``anchor_*``, ``positive_*``, ``negative_*`` token arrays and ``teacher_anchor``,
 ``teacher_positive``, ``teacher_negative`` (float32 (dim,)).
 Stage 2 (MMEB): ``query_*``, ``target_*`` featurizer arrays and ``target_ids`` (int32 scalar); with
-k attached negatives also ``negative_*`` with a leading (k,) axis and ``mined_target_ids`` (k,) (named
-outside the ``negative_`` prefix, which the engine reads as model inputs).
+k attached negatives also ``negative_*`` with a leading (k,) axis, ``valid_negatives`` (k,) bool
+(False: the data had no negative for the slot) and, for mined ones, ``mined_target_ids`` (k,) (both
+named outside the ``negative_`` prefix, which the engine reads as model inputs).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ NLI_ROLES = ("anchor", "positive", "negative")  # sent0, sent1, hard_neg
 class Example:
     arrays: dict[str, np.ndarray]  # fixed shapes: examples stack into a static batch
     truncated: int = 0  # texts the featurizer shortened to fit
+    missing_negatives: int = 0  # negative slots without a negative (masked in valid_negatives)
 
 
 def _nonempty(text: str, where: str) -> str:
@@ -83,42 +85,53 @@ def mmeb_where(record: MmebRecord) -> str:
     return f"{record.file} row {record.row} ({record.subset})"
 
 
-def mmeb_side(side: TextImage, image_root: Path, where: str) -> Side:
-    """A side's text and decoded image (None without one); BadSample when either is unusable."""
+def mmeb_side(side: TextImage, image_root: Path, where: str, image_size: int | None = None) -> Side:
+    """A side's text and decoded image (None without one), resized to image_size x image_size when
+    given (``data.mmeb.image_size``); BadSample when either is unusable."""
     text = _nonempty(side.text, where)
-    return text, load_image(image_root / side.image_path, where) if side.image_path else None
+    return text, load_image(image_root / side.image_path, where, image_size) if side.image_path else None
 
 
-def mmeb_pair(record: MmebRecord, image_root: Path) -> tuple[Side, Side]:
+def mmeb_pair(record: MmebRecord, image_root: Path, image_size: int | None = None) -> tuple[Side, Side]:
     """(query, target) of a record as stage 2 embeds them; the miner embeds exactly these."""
     where = mmeb_where(record)
-    query = mmeb_side(record.query, image_root, f"{where} qry")
-    return query, mmeb_side(record.target, image_root, f"{where} pos")
+    query = mmeb_side(record.query, image_root, f"{where} qry", image_size)
+    return query, mmeb_side(record.target, image_root, f"{where} pos", image_size)
 
 
 @dataclass(frozen=True)
 class MmebExamples:
-    """Stage-2 example from an :class:`MmebRecord`; images are read from `image_root`."""
+    """Stage-2 example from an :class:`MmebRecord`; images are read from `image_root` and resized
+    to image_size x image_size first when it is set."""
 
     featurizer: Featurizer
     image_root: Path
+    image_size: int | None = None
 
     def __call__(self, record: MmebRecord) -> Example:
         (query, cut_query), (target, cut_target) = (
-            _featurize(self.featurizer, *side) for side in mmeb_pair(record, self.image_root)
+            _featurize(self.featurizer, *side) for side in mmeb_pair(record, self.image_root, self.image_size)
         )
         arrays = _prefixed("query", query) | _prefixed("target", target)
         arrays["target_ids"] = np.int32(record.target_id)
         truncated = cut_query + cut_target
-        if record.negatives:
-            where = mmeb_where(record)
-            sides = [
-                _featurize(self.featurizer, *mmeb_side(neg, self.image_root, f"{where} negative {j}"))
-                for j, neg in enumerate(record.negatives)
-            ]
-            arrays |= _prefixed(
-                "negative", {key: np.stack([s[0][key] for s in sides]) for key in sides[0][0]}
+        if not record.negatives:
+            return Example(arrays, truncated)
+        where = mmeb_where(record)
+        # A slot without a negative (empty text: data negatives only) holds the target's arrays, so
+        # that shapes stay fixed, and is masked out of the loss by valid_negatives.
+        valid = [bool(neg.text.strip()) for neg in record.negatives]
+        sides = [
+            _featurize(
+                self.featurizer, *mmeb_side(neg, self.image_root, f"{where} negative {j}", self.image_size)
             )
+            if ok
+            else (target, 0)
+            for j, (neg, ok) in enumerate(zip(record.negatives, valid, strict=True))
+        ]
+        arrays |= _prefixed("negative", {key: np.stack([s[0][key] for s in sides]) for key in sides[0][0]})
+        arrays["valid_negatives"] = np.asarray(valid)
+        if record.negative_target_ids:
             arrays["mined_target_ids"] = np.asarray(record.negative_target_ids, np.int32)
-            truncated += sum(s[1] for s in sides)
-        return Example(arrays, truncated)
+        truncated += sum(s[1] for s in sides)
+        return Example(arrays, truncated, missing_negatives=valid.count(False))

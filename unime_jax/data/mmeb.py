@@ -8,8 +8,9 @@ Directory layout, as the HF dataset repo downloads (``huggingface-cli download T
                                                      files are relative to IMAGE_ROOT
 
 Columns used: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` (an empty path = no
-image). The optional ``neg_text``/``neg_image_path`` of some subsets are not used: UniME, like
-VLM2Vec v1, takes its negatives from the batch. Texts keep the data's Phi-3 ``<|image_1|>``
+image). The optional ``neg_text``/``neg_image_path`` of some subsets are not read here: UniME, like
+VLM2Vec v1, takes its negatives from the batch, and ``data_negatives`` reads them for
+``stage2.negatives.mode: data``. Texts keep the data's Phi-3 ``<|image_1|>``
 placeholder; adapting it to a backbone is the featurizer's job.
 
 As VLM2Vec, each subset contributes its first ``max_per_subset`` rows (VLM2Vec's recipe: 100k;
@@ -156,6 +157,16 @@ class MmebSource:
             digest.update(json.dumps(values).encode())
         return digest.hexdigest()
 
+    @functools.cached_property
+    def has_images(self) -> bool:
+        """Whether any record this source serves names an image (query or target)."""
+        parts = self._parts if self._parts is not None else self._load()
+        return any(
+            bool(pc.any(pc.not_equal(pc.fill_null(p.table.column(column), ""), "")).as_py())
+            for p in parts
+            for column in ("qry_image_path", "pos_image_path")
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         # Workers reread the parquet files (fast, memory-mapped) rather than receive a pickled copy.
         return {**self.__dict__, "_parts": None}
@@ -184,11 +195,17 @@ class MmebSource:
 
 def _read(file: Path) -> pa.Table:
     try:
-        names = pq.read_schema(file).names
-        missing = [c for c in COLUMNS if c not in names]
+        schema = pq.read_schema(file)
+        missing = [c for c in COLUMNS if c not in schema.names]
         if missing:
-            raise DataError(f"{file} lacks column(s) {', '.join(missing)} (has {', '.join(names)})")
-        return pq.read_table(file, columns=list(COLUMNS))
+            raise DataError(f"{file} lacks column(s) {', '.join(missing)} (has {', '.join(schema.names)})")
+        for column in COLUMNS:  # texts and image paths: a number or a list here is not a record
+            kind = schema.field(column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+                raise DataError(f"{file}: column {column!r} holds {kind}, not strings; MMEB-train's are strings")
+        table = pq.read_table(file, columns=list(COLUMNS))
+        # A column with no value at all is typed null; as strings it reads like the rest ("" = none).
+        return table.cast(pa.schema([pa.field(c, pa.string()) for c in COLUMNS]))
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read MMEB parquet file {file}: {e}") from e
 

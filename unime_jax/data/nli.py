@@ -2,7 +2,7 @@
 
 The CSV is SimCSE's ``nli_for_simcse.csv`` (~275k rows, a header row, three text columns). It is
 checked in full when opened: a missing column or a row with the wrong number of fields is an error
-naming the file, line, row and column. Empty texts are not an error here: they are bad samples,
+naming the file, line, row and column; blank lines are skipped. Empty texts are not an error here: they are bad samples,
 skipped and counted by the pipeline.
 """
 
@@ -63,6 +63,8 @@ def read_nli_csv(path: str | os.PathLike[str]) -> NliTable:
     rows: list[tuple[str, str, str]] = []
     try:
         for fields in reader:
+            if not fields:  # a blank line (often the last one): no row
+                continue
             if len(fields) != len(header):
                 raise DataError(_field_count_message(path, reader.line_num, len(rows), header, fields))
             rows.append((fields[index[0]], fields[index[1]], fields[index[2]]))

@@ -10,7 +10,9 @@ A padded batch gives every row the worst-case shape (e.g. 3184 tokens and 5 CLIP
 - image rows carry only their real tiles, packed into one tile buffer with each row's offset;
   text rows carry none;
 - how many chunks of each class a batch fills is data (``packed_chunks_<class>``); the step runs
-  that many and skips the rest (``training.packed``).
+  that many and skips the rest (``training.packed``);
+- the slots a class's run chunks would leave empty take shorter rows of the same kind (they cost
+  nothing more there, and may spare a chunk of their own class).
 
 Sorted by class, the pooled rows are dealt round-robin over the process's batch shards (the
 devices along the mesh's data axes), so that every shard holds the same number of rows and
@@ -25,7 +27,7 @@ Packed keys (S = batch shards of this process, R = rows per shard):
   packed_row_len        (S, R) int32        its real length (0: no row)
   packed_row_tile       (S, R) int32        where its tiles start in packed_tiles
   packed_row_<name>     (S, R, ...)         per-row model inputs (e.g. image_sizes)
-  packed_tiles          (S, tiles, ...)     real tiles back to back (only when rows can have images)
+  packed_tiles          (S, tiles, ...)     real tiles back to back (only with image classes)
   packed_tile_chunks    (S,) int32          CLIP chunks of ``tile_chunk`` tiles that hold them
   packed_plan_<class>   (S, chunks, rows)   pooled row of every chunk slot, -1 = empty
   packed_chunks_<class> (S,) int32          chunks of the class this batch fills
@@ -61,7 +63,8 @@ class PackClass:
 
 
 def packed_lengths(max_len: int, smallest: int = 8) -> tuple[int, ...]:
-    """Class lengths up to ``max_len``: steps of 8 tokens to 64, 16 to 128, 32 to 256, ... 256 from 1024.
+    """Class lengths up to ``max_len``: 8 steps of ``smallest`` tokens, then the step doubles every
+    8 steps up to 256 (``smallest`` 8: steps of 8 to 64, 16 to 128, 32 to 256, ... 256 from 1024).
 
     A row pads to at most about 1.14× its length (less for most), where the embedder's 1.5× buckets
     would cost up to 1.5×; more classes mean more compiled chunk shapes, so the steps grow with length.
@@ -183,6 +186,30 @@ def _class_of(length: int, image: bool, classes: Sequence[PackClass]) -> int:
     )
 
 
+def _fill_empty_slots(classes: np.ndarray, spec: PackSpec) -> np.ndarray:
+    """Rows moved up into the slots that longer classes' chunks would run empty; classes (S, R).
+
+    Every shard runs a class's chunks as often as the fullest shard does (lockstep), and an empty
+    slot of a chunk costs as much as a full one. A shorter row of the same kind placed there costs
+    nothing more (right padding leaves its embedding unchanged) and may spare a chunk of its own
+    class, so executed work never grows. Longest classes first; each takes the longest shorter rows.
+    """
+    classes = classes.copy()
+    for kind in ("text", "image"):
+        ids = sorted(
+            (i for i, c in enumerate(spec.classes) if c.kind == kind), key=lambda i: -spec.classes[i].length
+        )
+        for at, c in enumerate(ids):
+            counts = (classes == c).sum(axis=1)
+            run = math.ceil(counts.max() / spec.classes[c].rows) * spec.classes[c].rows
+            for d, free in enumerate(run - counts):
+                for shorter in ids[at + 1 :]:
+                    moved = np.flatnonzero(classes[d] == shorter)[:free]
+                    classes[d, moved] = c
+                    free -= len(moved)
+    return classes
+
+
 def _plans(classes: np.ndarray, spec: PackSpec) -> dict[str, np.ndarray]:
     """Each class's chunk slots per shard (-1 = empty) and how many chunks it fills; classes (S, R)."""
     out = {}
@@ -209,7 +236,9 @@ def pack_batch(batch: dict[str, np.ndarray], spec: PackSpec) -> dict[str, np.nda
     pooled = [(role, i) for role, r in rows.items() for i in range(len(r.lengths))]
     per_shard = len(pooled) // s
     token_cap = per_shard * max(r.ids.shape[-1] for r in rows.values())
-    pixels = next((r.tiles for r in rows.values() if r.tiles is not None), None)
+    # Without image classes (text-only data) the zero tile slots of image-capable roles stay behind.
+    images = any(c.kind == "image" for c in spec.classes)
+    pixels = next((r.tiles for r in rows.values() if r.tiles is not None), None) if images else None
     tile_cap = (
         0
         if pixels is None
@@ -263,4 +292,4 @@ def pack_batch(batch: dict[str, np.ndarray], spec: PackSpec) -> dict[str, np.nda
     if tiles is not None:
         out[f"{PACKED_PREFIX}tiles"] = tiles
         out[f"{PACKED_PREFIX}tile_chunks"] = np.ceil(tile_end / spec.tile_chunk).astype(np.int32)
-    return out | _plans(classes, spec)
+    return out | _plans(_fill_empty_slots(classes, spec), spec)

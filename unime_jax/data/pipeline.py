@@ -31,8 +31,10 @@ import numpy as np
 from unime_jax.data.accounting import STATS_KEY, DataIterator, SkipPolicy
 from unime_jax.data.batching import Collate
 from unime_jax.data.config import DataSection, LoaderSection
+from unime_jax.data.data_negatives import DataNegatives
 from unime_jax.data.errors import DataError
 from unime_jax.data.examples import Example, MmebExamples, NliExamples
+from unime_jax.data.host_memory import check_host_memory
 from unime_jax.data.negatives import MinedNegatives
 from unime_jax.data.nli import NliSource
 from unime_jax.data.packing import PackSpec
@@ -48,6 +50,7 @@ __all__ = [
     "DataPipeline",
     "build_pipeline",
     "mmeb_source",
+    "nli_source",
     "stage1_pipeline",
     "stage2_pipeline",
 ]
@@ -57,6 +60,7 @@ class DataPipeline(grain.IterDataset):
     """The last stage, run in the training process; ``iter()`` gives a :class:`DataIterator`.
 
     Attributes:
+      loader: the loader settings it was built with.
       batch_size: examples per batch on this process.
       batches_per_epoch: batches per epoch on every process.
     """
@@ -65,13 +69,14 @@ class DataPipeline(grain.IterDataset):
         self,
         batches: grain.MapDataset,
         parent: grain.IterDataset,
-        batch_size: int,
+        loader: LoaderSection,
         batches_per_epoch: int,
         policy: SkipPolicy,
     ) -> None:
         super().__init__(parent)
         self._batches = batches  # the random-access batches under `parent`
-        self.batch_size = batch_size
+        self.loader = loader
+        self.batch_size = loader.batch_size
         self.batches_per_epoch = batches_per_epoch
         self._policy = policy
 
@@ -83,6 +88,11 @@ class DataPipeline(grain.IterDataset):
         batch = dict(self._batches[k])
         del batch[STATS_KEY]
         return batch
+
+    def check_host_memory(self) -> str:
+        """Batch 0's bytes times the batches the loader keeps in flight, against the machine's free
+        memory: a one-line account, or DataError naming the loader settings to lower."""
+        return check_host_memory(self.loader, self.batch_at(0))
 
     def __str__(self) -> str:
         return f"DataPipeline(batch_size={self.batch_size}, batches_per_epoch={self.batches_per_epoch})"
@@ -135,7 +145,7 @@ def build_pipeline(
     if per_process == 0:
         raise DataError(
             f"{len(source)} records cannot fill one batch of {loader.batch_size} on each of {count} "
-            "process(es); lower data.loader.batch_size or add data"
+            "process(es); lower the stage's batch_size or add data"
         )
     records = grain.MapDataset.source(source).shuffle(seed=seed)[index : per_process * count : count]
     for transform in record_transforms:
@@ -155,7 +165,7 @@ def build_pipeline(
             )
         )
     policy = SkipPolicy(loader.max_bad_fraction, loader.min_samples_before_stop)
-    return DataPipeline(batches, dataset, loader.batch_size, per_process // loader.batch_size, policy)
+    return DataPipeline(batches, dataset, loader, per_process // loader.batch_size, policy)
 
 
 def stage1_pipeline(
@@ -168,14 +178,9 @@ def stage1_pipeline(
     pack: PackSpec | None = None,
 ) -> DataPipeline:
     """NLI triplets + teacher embeddings → ``anchor_/positive_/negative_`` tokens and ``teacher_*``."""
-    if data.nli is None:
-        raise DataError("stage 1 needs the data.nli section (csv, teacher_dir)")
-    nli = data.nli
-    expect = {"teacher": nli.teacher, "dim": nli.teacher_dim, "instruction": nli.instruction}
-    source = NliSource(nli.csv, nli.teacher_dir, {k: v for k, v in expect.items() if v is not None})
     featurizer = TextFeaturizer(tokenizer, data.text.max_len, data.text.template)
     return build_pipeline(
-        source,
+        nli_source(data),
         NliExamples(featurizer),
         data.loader,
         seed=seed,
@@ -183,6 +188,15 @@ def stage1_pipeline(
         process_count=process_count,
         pack=pack,
     )
+
+
+def nli_source(data: DataSection) -> NliSource:
+    """The NLI triplets `data.nli` names, joined with their teacher store (checked against them)."""
+    if data.nli is None:
+        raise DataError("stage 1 needs the data.nli section (csv, teacher_dir)")
+    nli = data.nli
+    expect = {"teacher": nli.teacher, "dim": nli.teacher_dim, "instruction": nli.instruction}
+    return NliSource(nli.csv, nli.teacher_dir, {k: v for k, v in expect.items() if v is not None})
 
 
 def mmeb_source(data: DataSection) -> MmebSource:
@@ -203,23 +217,29 @@ def stage2_pipeline(
     source: MmebSource | None = None,
     negatives: np.ndarray | None = None,
     num_negatives: int = 0,
+    data_negatives: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
     pack: PackSpec | None = None,
 ) -> DataPipeline:
-    """MMEB-train pairs → ``query_*``, ``target_*``, ``target_ids`` (+ ``negative_*`` when mined).
+    """MMEB-train pairs → ``query_*``, ``target_*``, ``target_ids`` (+ ``negative_*`` when mined or
+    taken from the data).
 
     Args:
       featurizer: the backbone's multimodal featurizer (prompt formatting, image placeholders, crops).
       source: the records, when already opened (default: :func:`mmeb_source` of `data`).
       negatives: optional (records, K) table of mined negative record indices; the first
         `num_negatives` of each row are attached.
+      data_negatives: attach each record's first `num_negatives` negatives from its own
+        ``neg_text``/``neg_image_path`` columns instead (``data.data_negatives``).
     """
     source = mmeb_source(data) if source is None else source
     transforms = [] if negatives is None else [MinedNegatives(source, negatives, num_negatives)]
+    if data_negatives:
+        transforms.append(DataNegatives(num_negatives))
     return build_pipeline(
         source,
-        MmebExamples(featurizer, data.mmeb.images),
+        MmebExamples(featurizer, data.mmeb.images, data.mmeb.image_size),
         data.loader,
         seed=seed,
         process_index=process_index,

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unime_jax.cli_errors import add_debug_flag, usage_errors
+from unime_jax.cli_errors import run as run_cli
 from unime_jax.data import teacher_store
 from unime_jax.data.errors import DataError
 from unime_jax.data.nli import NLI_COLUMNS, NliTable, read_nli_csv
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seq-length", type=int, metavar="N", help="override the model's max tokens")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
     parser.add_argument("--append-eos", action="store_true", help="append the tokenizer's EOS to every text")
+    add_debug_flag(parser)
     return parser
 
 
@@ -151,7 +154,7 @@ def encode_rows(
 
 def run(args: argparse.Namespace) -> teacher_store.TeacherManifest:
     """Compute (or continue) the store; returns the manifest as left on disk."""
-    from tqdm import tqdm
+    from unime_jax.progress import progress
 
     table = read_nli_csv(args.data)
     job = _job(args, table)
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> teacher_store.TeacherManifest:
     else:
         manifest, embeddings = job, teacher_store.create_store(args.out, job)
     stop = manifest.rows if args.limit is None else min(manifest.rows, manifest.rows_done + args.limit)
-    with tqdm(total=manifest.rows, initial=manifest.rows_done, unit="row", desc="teacher") as bar:
+    with progress(total=manifest.rows, initial=manifest.rows_done, unit="row", desc="teacher") as bar:
         for start in range(manifest.rows_done, stop, args.chunk_rows):
             end = min(start + args.chunk_rows, stop)
             embeddings[start:end] = encode_rows(model, table.rows[start:end], args)
@@ -186,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.chunk_rows < 1 or (args.limit is not None and args.limit < 1):
         print("error: --batch-size, --chunk-rows and --limit must be positive", file=sys.stderr)
         return 2
+    return run_cli(
+        lambda: _main(args), debug=args.debug, on_interrupt="interrupted; the same command resumes"
+    )
+
+
+def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
+    with usage_errors(DataError):  # data and store mismatches: found before any encoding
         manifest = run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     state = (
         "complete" if manifest.complete else f"{manifest.rows_done}/{manifest.rows} rows, rerun to continue"
     )

@@ -145,6 +145,22 @@ def _embeddings(store: Path, manifest: TeacherManifest, mode: str) -> np.memmap:
     return embeddings
 
 
+def _recompute_hint(
+    directory: Path, found: TeacherManifest, expected: Mapping[str, Any], data_file: str | os.PathLike[str]
+) -> str:
+    """The commands that work: the teacher CLI never overwrites a store made for other data, so the
+    new one goes to a new directory, which the run config then names."""
+    new = directory.with_name(f"{directory.name}-{str(expected.get('data_sha256', 'new'))[:8]}")
+    instruction = expected.get("instruction", found.instruction)
+    flags = f" --instruction {json.dumps(instruction)}" if instruction else ""
+    return (
+        f"Compute a store for it in a new directory (TEACHER: the sentence-transformers model, "
+        f"{expected.get('teacher', found.teacher)} here):\n"
+        f"  python -m unime_jax.teacher --model TEACHER --data {data_file} --out {new}{flags}\n"
+        f"then train with --set data.nli.teacher_dir={new} (or delete {directory} and compute it there)."
+    )
+
+
 def check_job(
     store: str | os.PathLike[str],
     found: TeacherManifest,
@@ -187,7 +203,8 @@ def open_store(
         raise DataError(
             f"teacher store {directory / MANIFEST_FILE} does not match {data_file}:\n"
             + "\n".join(wrong)
-            + f"\nRecompute it: python -m unime_jax.teacher --data {data_file} --out {directory} --model ..."
+            + "\n"
+            + _recompute_hint(directory, manifest, expected, data_file)
         )
     if not manifest.complete:
         raise DataError(

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from unime_jax.embedder import BadInput, ImageSource, Row, UniME
 from unime_jax.eval.store import EmbeddingStore
@@ -127,7 +126,7 @@ def encode_entries(
     mine = [chunk for chunk in range(store.num_chunks) if chunk % count == process]
     total = sum(stop - start for start, stop in map(store.bounds, mine))
     local: dict[int, tuple[np.ndarray, list[str]]] = {}
-    with tqdm(total=total, desc=desc, unit="item", disable=not progress or process != 0) as bar:
+    with progress(total=total, desc=desc, unit="item", disable=not progress or process != 0) as bar:
         todo = []
         for chunk in mine:
             loaded = store.load(chunk)

@@ -108,23 +108,41 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class PatchConv(nnx.Module):
-    """Non-overlapping patch convolution without bias, HF `patch_embedding` (Conv2d, bias=False)."""
+    """Non-overlapping patch convolution, HF `patch_embedding` (Conv2d; CLIP's has no bias, SigLIP's has one)."""
 
-    def __init__(self, patch: int, channels: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        patch: int,
+        channels: int,
+        features: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+    ):
         init = nnx.initializers.normal(0.02)
         self.kernel = param(
             rngs, init, (patch, patch, channels, features), param_dtype, (None, None, None, "embed")
         )
+        if use_bias:
+            self.bias = param(rngs, nnx.initializers.zeros, (features,), param_dtype, ("embed",))
         self.patch = patch
         self.dtype = dtype
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """(batch, channels, H, W) -> (batch, (H/p)*(W/p), features), patches in row-major order."""
+        """(batch, channels, H, W) -> (batch, (H//p)*(W//p), features), patches in row-major order.
+
+        A 'valid' convolution, as HF's: pixels past the last whole patch are dropped (SigLIP's 384
+        pixels make 27 patches of 14).
+        """
         b, c, h, w = pixel_values.shape
         p = self.patch
-        x = pixel_values.astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
+        h, w = h // p * p, w // p * p
+        x = pixel_values[:, :, :h, :w].astype(self.dtype).reshape(b, c, h // p, p, w // p, p)
         x = x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-        return jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(p * p * c, -1))
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(p * p * c, -1))
+        return y + self.bias[...].astype(self.dtype) if hasattr(self, "bias") else y
 
 
 class CLIPAttention(nnx.Module):
@@ -185,6 +203,15 @@ class CLIPEncoder(nnx.Module):
         self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
 
+def layers_up_to(encoder: CLIPEncoder, layer: int) -> list[CLIPEncoderLayer]:
+    """The encoder layers HF's `hidden_states[layer]` has passed (-1 = all of them)."""
+    n = len(encoder.layers)
+    index = layer + n + 1 if layer < 0 else layer
+    if not 0 <= index <= n:
+        raise ValueError(f"feature layer {layer} out of range for {n} encoder layers")
+    return list(encoder.layers)[:index]
+
+
 class CLIPVisionTransformer(nnx.Module):
     """HF `vision_model`: embeddings -> pre_layrnorm (sic, HF's name) -> encoder -> post_layernorm."""
 
@@ -209,13 +236,9 @@ class CLIPVisionModel(nnx.Module):
 
         Only the layers up to `layer` run, so layer -2 skips the final encoder layer.
         """
-        n = self.cfg.num_hidden_layers
-        index = layer + n + 1 if layer < 0 else layer
-        if not 0 <= index <= n:
-            raise ValueError(f"feature layer {layer} out of range for {n} encoder layers")
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        for block in list(vm.encoder.layers)[:index]:
+        for block in layers_up_to(vm.encoder, layer):
             x = block(x)
         return x
 

@@ -1,10 +1,11 @@
-"""One decoder for Llama, Mistral and Phi-3, mirroring HF's `*ForCausalLM` module tree.
+"""One decoder for Llama, Mistral, Phi-3 and Qwen2, mirroring HF's `*ForCausalLM` module tree.
 
-The three families differ only in configuration:
+The four families differ only in configuration:
 - Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (kept fused, as in HF) and uses
   longrope;
 - Mistral may set a sliding window;
-- Llama may carry attention/MLP biases.
+- Llama may carry attention/MLP biases;
+- Qwen2 has biases on q/k/v only (`qkv_bias`), not on o_proj.
 
 The forward pass returns final-norm hidden states: UniME embeddings are pooled from them and never
 need logits. `lm_head` is still built (by default) so checkpoints round-trip losslessly.
@@ -25,13 +26,13 @@ from unime_jax.models.attention import Implementation, attend
 from unime_jax.models.layers import Embed, Linear, RMSNorm, activation
 from unime_jax.sharding import constrain
 
-Family = Literal["llama", "mistral", "phi3"]
+Family = Literal["llama", "mistral", "phi3", "qwen2"]
 Remat = Literal["none", "full", "dots_saveable"]
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Architecture of a Llama/Mistral/Phi-3 decoder (what HF's config.json says) plus run-time choices."""
+    """Architecture of a Llama/Mistral/Phi-3/Qwen2 decoder (what HF's config.json says) plus run-time choices."""
 
     family: Family  # which HF model family the weights come from
     vocab_size: int  # rows of embed_tokens / lm_head
@@ -48,6 +49,7 @@ class DecoderConfig:
     max_position_embeddings: int = 4096  # longest supported context (enters the longrope factor)
     sliding_window: int | None = None  # Mistral/Phi-3 local attention window
     attention_bias: bool = False  # biases on q/k/v/o projections (Llama option)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); o_proj follows attention_bias
     mlp_bias: bool = False  # biases on MLP projections (Llama option)
     hidden_act: str = "silu"  # MLP activation
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens
@@ -77,7 +79,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         linear = _linear_factory(cfg, rngs)
-        bias = cfg.attention_bias
+        bias = cfg.attention_bias or cfg.qkv_bias
         if cfg.fused:
             # Fused kernels must not be column-sharded: q, k and v would land on different devices.
             self.qkv_proj = linear(d, (h + 2 * kv) * hd, use_bias=bias, axes=("embed", "qkv_fused"))
@@ -85,7 +87,7 @@ class Attention(nnx.Module):
             self.q_proj = linear(d, h * hd, use_bias=bias, axes=("embed", "heads"))
             self.k_proj = linear(d, kv * hd, use_bias=bias, axes=("embed", "kv_heads"))
             self.v_proj = linear(d, kv * hd, use_bias=bias, axes=("embed", "kv_heads"))
-        self.o_proj = linear(h * hd, d, use_bias=bias, axes=("heads", "embed"))
+        self.o_proj = linear(h * hd, d, use_bias=cfg.attention_bias, axes=("heads", "embed"))
         self.cfg = cfg
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

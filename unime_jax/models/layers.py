@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unime_jax.models import nf4
+
 Axes = tuple[str | None, ...]
 
 _normal = nnx.initializers.normal(0.02)
@@ -32,6 +34,11 @@ class Linear(nnx.Module):
     `lora_A` (in -> r) and `lora_B` (r -> out), Linears whose kernels are `nnx.LoRAParam`, a
     static `lora_scale` (alpha / r) and, when dropout > 0, `lora_dropout`. The output then gains
     lora_B(lora_A(lora_dropout(x))) * lora_scale, as PEFT's LoRA layer computes it.
+
+    A DoRA adapter also has `lora_magnitude_vector` (out,), an `nnx.LoRAParam`: each output column
+    of the adapted weight W' = W + A @ B * lora_scale is rescaled to that length (see `dora_gain`).
+    Under QLoRA the frozen `kernel` is replaced by its NF4 codes and scales, `kernel_nf4` and
+    `kernel_nf4_scale` (`models.nf4`), dequantized where the layer runs.
     """
 
     def __init__(
@@ -56,13 +63,46 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        kernel = self.base_kernel().astype(self.dtype)
+        xw = jnp.dot(x, kernel)
+        y = xw
         if hasattr(self, "bias"):
             y = y + self.bias[...].astype(self.dtype)
         if hasattr(self, "lora_A"):
             h = self.lora_dropout(x) if hasattr(self, "lora_dropout") else x
-            y = y + self.lora_B(self.lora_A(h)) * self.lora_scale
+            update = self.lora_B(self.lora_A(h)) * self.lora_scale
+            if hasattr(self, "lora_magnitude_vector"):
+                # PEFT's DoraLinearLayer: g * (h @ W + update) replaces h @ W, i.e. the layer adds
+                # (g - 1) * (h @ W) + g * update. Inactive dropout (eval, rate 0) returns x itself,
+                # and then x @ W is reused; an active one needs h @ W, as PEFT recomputes it.
+                base = xw if h is x else jnp.dot(h, kernel)
+                g = self.dora_gain().astype(self.dtype)
+                update = (g - 1) * base + g * update
+            y = y + update
         return y
+
+    def base_kernel(self) -> jax.Array:
+        """The frozen (in, out) kernel: as stored, or dequantized from NF4 (a QLoRA base, `models.nf4`)."""
+        if hasattr(self, "kernel_nf4"):
+            return nf4.dequantize(self.kernel_nf4[...], self.kernel_nf4_scale[...])
+        return self.kernel[...]
+
+    def adapted_kernel(self) -> jax.Array:
+        """W + A @ B * lora_scale in float32 at full matmul precision (GPUs would use TF32)."""
+        a = self.lora_A.kernel[...].astype(jnp.float32)
+        b = self.lora_B.kernel[...].astype(jnp.float32)
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * self.lora_scale
+        return self.base_kernel().astype(jnp.float32) + delta
+
+    def dora_gain(self) -> jax.Array:
+        """DoRA's per-output factor magnitude / ||W + A @ B * scale||_col, float32, shape (out,).
+
+        The column norm (over the input axis of our (in, out) kernel: PEFT's row norm of the
+        (out, in) weight) is held constant for the gradient, as the DoRA paper (section 4.3) and
+        PEFT do, so the magnitude and the factors are trained through the gain and the update only.
+        """
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(self.adapted_kernel(), axis=0))
+        return self.lora_magnitude_vector[...].astype(jnp.float32) / norm
 
 
 class Embed(nnx.Module):

@@ -82,10 +82,6 @@ class LlavaNextConfig:
             raise ValueError(
                 f"image_grid_pinpoints must be positive multiples of the CLIP image size {size}, got {bad}"
             )
-        if self.vision.image_size % self.vision.patch_size:
-            raise ValueError(
-                f"CLIP image size {size} is not a multiple of its patch size {self.vision.patch_size}"
-            )
         push_runtime(self)
 
     @property
@@ -182,9 +178,11 @@ class LlavaNext(nnx.Module):
     `multi_modal_projector`, `image_newline` and `language_model` (a `*ForCausalLM`, lm_head included
     so checkpoints round-trip; embeddings never use it)."""
 
+    tower_cls: type[nnx.Module] = CLIPVisionModel  # LLaVA-OneVision's subclass puts SigLIP here
+
     def __init__(self, cfg: LlavaNextConfig, rngs: nnx.Rngs):
         d = cfg.text.hidden_size
-        self.vision_tower = CLIPVisionModel(cfg.vision, rngs)
+        self.vision_tower = self.tower_cls(cfg.vision, rngs)
         self.multi_modal_projector = LlavaNextMultiModalProjector(cfg, rngs)
         # HF initialises it N(0, 1/d); checkpoints overwrite it.
         self.image_newline = param(
@@ -214,8 +212,10 @@ class LlavaNext(nnx.Module):
             )
         features = self.tile_features(pixel_values.reshape(b * p, *pixel_values.shape[2:]))
         table = features.reshape(b, p * features.shape[1], -1)
+        # (B, L) rows, or (B, L, taps) where a slot blends several features (LLaVA-OneVision).
         index = self.feature_index(self.cfg.max_image_tokens, image_sizes, image_grids)
-        return jnp.take_along_axis(table, index[..., None], axis=1)
+        gathered = jnp.take_along_axis(table, index.reshape(b, -1, 1), axis=1)
+        return gathered.reshape(*index.shape, table.shape[-1])
 
     def pack_features(
         self, gathered: jax.Array, image_sizes: jax.Array, image_grids: jax.Array

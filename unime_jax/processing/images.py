@@ -5,7 +5,8 @@ statistics; they differ in how the crops are cut (each backbone's ``images`` mod
 ``unime_jax.backbones.llava_next.images``, ``unime_jax.backbones.phi3_v.images``) and in where
 the crops are normalised: on the device for LLaVA-NeXT, whose crops are uint8 until then, on the
 host for Phi-3.5-V, whose global view is resized after normalisation (the CLIP tower,
-``unime_jax.models.clip``, takes both).
+``unime_jax.models.clip``, takes both). :func:`resize_square` is VLM2Vec's optional resize of every
+image before any processor, which the embedder and the stage-2 data share.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "ImageInput",
     "ProcessedImage",
     "channels_first",
+    "resize_square",
     "split_into_crops",
     "to_rgb",
 ]
@@ -58,6 +60,18 @@ def to_rgb(image: ImageInput) -> Image.Image:
             raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
         return Image.fromarray(image)
     raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def resize_square(image: ImageInput, size: int) -> Image.Image:
+    """VLM2Vec's ``process_image``: the image as opened resized to size x size (PIL's default filter
+    for its mode, aspect ratio ignored), then converted to RGB.
+
+    Resizing before the conversion matters: PIL resamples palette and 1-bit images with NEAREST,
+    other modes with BICUBIC, as VLM2Vec's ``Image.open(...).resize(...)`` does.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return image.resize((size, size)).convert("RGB")
 
 
 def channels_first(pixels: np.ndarray) -> np.ndarray:

@@ -16,12 +16,15 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from unime_jax.runs.records import StageRecord
 from unime_jax.runs.schema import Config
 from unime_jax.runs.stages import MERGED_DIR, Backbone, StageResult, run_stage, stage_start
+from unime_jax.training.sections import StageSection
 
-__all__ = ["PRETRAIN_DIR", "Demo"]
+__all__ = ["ABLATION_DIR", "PRETRAIN_DIR", "Demo"]
 
 PRETRAIN_DIR = "pretrain"
+ABLATION_DIR = "stage2_ablation_k0"
 
 
 class Demo:
@@ -53,6 +56,15 @@ class Demo:
         self.benchmark = write_benchmark(workdir / "data" / "eval", prepared.heldout)
         self.results: dict[str, dict[str, Any]] = {}
 
+    def stages(self) -> list[tuple[StageRecord, StageSection]]:
+        """The stages the demo adds around the run's: its warm-up and its ablation."""
+        demo, stages = self.cfg.demo, []
+        if demo.pretrain is not None:
+            stages.append((StageRecord(self.workdir / PRETRAIN_DIR, "stage2", "demo.pretrain"), demo.pretrain))
+        if demo.ablation and "stage2" in self.cfg.stages:
+            stages.append((StageRecord(self.workdir / ABLATION_DIR, "stage2", "stage2"), self.cfg.stage2))
+        return stages
+
     def evaluate(self, backbone: Backbone, mesh: Mesh, label: str) -> None:
         """Score the backbone's current model on the held-out benchmark, as ``results[label]``."""
         from unime_jax.demo.benchmark import evaluate
@@ -62,6 +74,16 @@ class Demo:
         shutil.rmtree(out, ignore_errors=True)  # seconds to recompute, and never stale after a config change
         embedder = UniME(backbone.model, backbone.model_type, backbone.config, backbone.tokenizer, mesh=mesh)
         self.results[label] = evaluate(embedder, self.benchmark, out, label)
+
+    def summary(self) -> str:
+        """The evaluations so far, in Markdown (the exports' model cards carry it)."""
+        from unime_jax.demo.report import results_table
+
+        return (
+            f"The demo's held-out scenes ({self.benchmark.root}), scored by the evaluation harness "
+            "(`python -m unime_jax.eval`'s code); each value ± half its 95% interval.\n\n"
+            + results_table(self.results)
+        )
 
     def warm_up(self, backbone: Backbone, mesh: Mesh) -> Path | None:
         """Run ``demo.pretrain`` (if configured); returns its merged model's directory."""
@@ -80,7 +102,7 @@ class Demo:
             return None
         section = replace(self.cfg.stage2, loss=replace(self.cfg.stage2.loss, k=0, all_negatives=True))
         ablation = replace(backbone, model=stage_start(self.cfg, mesh, start))
-        done = run_stage("stage2", ablation, self.cfg, mesh, self.workdir / "stage2_ablation_k0", section)
+        done = run_stage("stage2", ablation, self.cfg, mesh, self.workdir / ABLATION_DIR, section)
         self.evaluate(replace(ablation, model=done.model), mesh, "ablation_k0")
         self._compare_ablation()
         return done

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from unime_jax.config import FieldError, check_range
 from unime_jax.data.config import DataSection
 from unime_jax.demo.config import DemoSection
 from unime_jax.training.sections import Stage1Section, Stage2Section
+from unime_jax.training.tracking import MetricsSection
 
 __all__ = ["Config", "DistributedSection", "ExportSection", "MeshSection", "ModelSection"]
 
@@ -35,6 +37,12 @@ class MeshSection:
     fsdp: int = 1  # fully-sharded data-parallel axis size (params/optimizer state sharded)
     tensor: int = 1  # tensor-parallel axis size (weights split within a layer)
 
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            size = getattr(self, name)
+            if size < 1 and size != -1:
+                raise FieldError(name, f"must be at least 1, or -1 (fill from the device count), got {size}")
+
 
 @dataclass
 class DistributedSection:
@@ -44,11 +52,16 @@ class DistributedSection:
     num_processes: int | None = None  # processes in the run (with coordinator_address)
     process_id: int | None = None  # this process's index (with coordinator_address)
 
+    def __post_init__(self) -> None:
+        check_range(self, "num_processes", at_least=1)
+        check_range(self, "process_id", at_least=0)
+
 
 @dataclass
 class ExportSection:
     hf: bool = True  # write <workdir>/export/hf: the trained model merged, as an HF directory
     peft: bool = True  # write <workdir>/export/peft: the last stage's LoRA as a PEFT adapter (+ its base)
+    base_model: str | None = None  # model cards' base_model (a Hub id); null = model.checkpoint
 
 
 @dataclass
@@ -61,8 +74,12 @@ class Config:
     stage1: Stage1Section = field(default_factory=Stage1Section)  # textual knowledge distillation
     stage2: Stage2Section = field(default_factory=Stage2Section)  # hard-negative instruction tuning
     export: ExportSection = field(default_factory=ExportSection)  # what is written at the end
+    metrics: MetricsSection = field(default_factory=MetricsSection)  # where metrics go besides metrics.jsonl and TensorBoard
     demo: DemoSection | None = None  # generate the CPU demo's data and evaluate before/after each stage
     workdir: str = "runs/default"  # where checkpoints, logs and the resolved config are written
     seed: int = 0  # global RNG seed (params init, data shuffling, dropout)
+
+    def __post_init__(self) -> None:
+        check_range(self, "seed", at_least=0, below=2**31)  # grain's shuffle seeds are uint32, plus stage offsets
 
 

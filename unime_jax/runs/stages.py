@@ -1,8 +1,10 @@
 """One UniME stage from a backbone: adapters, pipeline, trainer, checkpoints, then the merged model.
 
 Each stage lives in `<workdir>/<stage>/`: orbax checkpoints, metrics.jsonl, TensorBoard events,
-and, once finished, `merged/` (the stage's LoRA folded into the backbone, as the paper starts
-stage 2 from). A restarted run resumes the unfinished stage from its latest checkpoint and skips
+and, once finished, `adapter/` (its LoRA as a PEFT adapter), `config.yaml` (the run config it
+trained with, never rewritten) and, last, `merged/` (the stage's LoRA folded into the backbone, as
+the paper starts stage 2 from), which appears whole or not at all and marks the stage finished. A
+restarted run resumes the unfinished stage from its newest checkpoint that restores and skips
 finished ones. What is specific to the backbone (LoRA targets, input processing) comes from its
 spec; what the run does around the stages is ``runs.train``'s.
 """
@@ -10,6 +12,8 @@ spec; what the run does around the stages is ``runs.train``'s.
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +22,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from unime_jax.atomic import atomic_directory
 from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
 from unime_jax.config import to_dict
 from unime_jax.data.packing import PackSpec, pack_classes, packed_lengths
 from unime_jax.model_io import MODEL_FILE, init_model, load_model, save_model
 from unime_jax.models import lora
 from unime_jax.processing.featurizer import BackboneFeaturizer
+from unime_jax.runs.records import MERGED_DIR, write_record
 from unime_jax.runs.schema import Config
 from unime_jax.sharding import LOGICAL_RULES
 from unime_jax.tokenizer import load_tokenizer
@@ -34,7 +40,7 @@ from unime_jax.training.sections import Stage2Section, StageSection
 from unime_jax.training.tasks import Stage1Task, Stage2Task
 from unime_jax.training.trainer import Trainer
 
-MERGED_DIR = "merged"
+ADAPTER_DIR = "adapter"  # the stage's LoRA as a PEFT adapter, written beside merged/
 STAGE_NUMBERS = {"stage1": 1, "stage2": 2}
 
 
@@ -95,7 +101,8 @@ def stage_start(cfg: Config, mesh: Mesh, previous: Path | None) -> nnx.Module:
 
 
 def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.LoRAConfig | None:
-    """The stage's adapters: the configured rank, alpha and dropout on the backbone's projections."""
+    """The stage's adapters: the configured rank, alpha, dropout, variant and init on the modules its
+    `targets` regex names, or else its preset's (the backbone's projections by default)."""
     if not section.lora.enabled:
         return None
     settings = section.lora
@@ -105,13 +112,26 @@ def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.L
             f"{stage}.lora.{missing[0]} is not set (the paper's recipes set rank, alpha and dropout: "
             f"configs/{stage}_common.yaml); set it, or lora.enabled: false for full fine-tuning"
         )
-    targets = settings.targets or backbone.spec.lora_targets(backbone.config, vision=settings.vision)
+    if settings.targets and (settings.preset != "unime" or settings.vision):
+        raise ValueError(
+            f"{stage}.lora.targets is set, and so are lora.preset or lora.vision, which choose modules "
+            "too; keep one of them"
+        )
+    targets = settings.targets or backbone.spec.lora_targets(
+        backbone.config, vision=settings.vision, preset=settings.preset
+    )
     return lora.LoRAConfig(
-        rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout, targets=targets
+        rank=settings.rank,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        targets=targets,
+        variant=settings.variant,
+        init=settings.init,
+        quantize_base=settings.quantize_base,
     )
 
 
-def _pack_spec(
+def pack_spec(
     section: StageSection,
     mesh: Mesh,
     text_len: int,
@@ -127,10 +147,10 @@ def _pack_spec(
     extras: tuple[str, ...] = ()
     if featurizer is not None and featurizer.inputs.max_image_tokens:
         least = featurizer.inputs.min_image_tokens
-        image_lengths = tuple(n for n in packed_lengths(featurizer.seq_len) if n >= least)
+        image_lengths = tuple(n for n in packed_lengths(featurizer.seq_len, layout.length_step) if n >= least)
         extras = tuple(key for key in featurizer.inputs.empty() if key != "pixel_values")
     classes = pack_classes(
-        packed_lengths(text_len), image_lengths, layout.chunk_tokens, layout.max_chunk_rows
+        packed_lengths(text_len, layout.length_step), image_lengths, layout.chunk_tokens, layout.max_chunk_rows
     )
     return PackSpec(
         classes, shards, extras, layout.tile_chunk, roles, first_shard=jax.process_index() * shards
@@ -149,7 +169,7 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
     data = replace(cfg.data, loader=replace(cfg.data.loader, batch_size=batch_size // nproc))
     if stage == "stage1":
         roles = ("anchor",) if section.loss.candidates == "self" else ()
-        pack = _pack_spec(section, mesh, cfg.data.text.max_len, None, roles)
+        pack = pack_spec(section, mesh, cfg.data.text.max_len, None, roles)
         return stage1_pipeline(data, backbone.tokenizer, seed=cfg.seed, pack=pack)
     # MMEB instructions are fed raw (no chat template), as VLM2Vec and UniME's stage 2 do.
     featurizer = backbone.spec.featurizer(
@@ -157,21 +177,33 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
     )
     source = mmeb_source(data)
     negatives = section.negatives
-    table = None if negatives.mode == "in_batch" else open_mined(negatives.dir, source, negatives.k)
-    pack = _pack_spec(section, mesh, cfg.data.text.max_len, featurizer, ())
+    table = open_mined(negatives.dir, source, negatives.k) if negatives.source == "mined" else None
+    # Text-only data: no image classes, so the packed step carries no tiles and runs no tower.
+    pack = pack_spec(section, mesh, cfg.data.text.max_len, featurizer if source.has_images else None, ())
     return stage2_pipeline(
-        data, featurizer, seed=cfg.seed, source=source, negatives=table, num_negatives=negatives.k, pack=pack
+        data,
+        featurizer,
+        seed=cfg.seed,
+        source=source,
+        negatives=table,
+        num_negatives=negatives.k,
+        data_negatives=negatives.source == "data",
+        pack=pack,
     )
 
 
 def _check_packable(
-    stage: str, section: StageSection, model: nnx.Module, lcfg: lora.LoRAConfig | None
+    stage: str, section: StageSection, model: nnx.Module, spec: BackboneSpec, adapted: list[str] | None
 ) -> None:
-    """The packed layout runs the vision tower once per tile without gradients: it must be frozen."""
+    """The packed layout runs the vision tower once per tile without gradients: it must be frozen.
+
+    `adapted`: the module paths that got adapters (None: full fine-tuning).
+    """
     if section.layout.mode != "packed" or not hasattr(model, "tile_features"):
         return
-    if lcfg is None or section.lora.vision:
-        why = "full fine-tuning trains" if lcfg is None else "lora.vision adapts"
+    tower = re.compile(spec.vision_targets or "$^")
+    if adapted is None or any(tower.fullmatch(path) for path in adapted):
+        why = "full fine-tuning trains" if adapted is None else "its LoRA targets adapt"
         raise ValueError(
             f"{stage}.layout.mode packed needs a frozen vision tower, but {why} it; "
             f"set {stage}.layout.mode: padded for this run"
@@ -184,27 +216,54 @@ def _identity(stage: str, backbone: Backbone, lcfg: lora.LoRAConfig | None, sect
         "model_type": backbone.model_type,
         "architecture": to_dict(backbone.config),
         "stage": stage,
-        "lora": None if lcfg is None else asdict(lcfg),
+        "lora": None if lcfg is None else _lora_identity(lcfg),
         "batch_size": section.batch_size,
         "grad_chunks": section.grad_chunks,
     }
-    # Only with a mined table, so that in-batch checkpoints written before the option still resume.
+    # Only beyond the batch, so that in-batch checkpoints written before the option still resume.
     if isinstance(section, Stage2Section) and section.negatives.mode != "in_batch":
         from unime_jax.data.negatives import read_mined_manifest
 
         negatives = section.negatives
-        table = read_mined_manifest(negatives.dir).table_sha256
-        identity["negatives"] = {"mode": negatives.mode, "k": negatives.k, "table_sha256": table}
+        identity["negatives"] = {"mode": negatives.mode, "k": negatives.k}
+        if negatives.source == "mined":
+            identity["negatives"]["table_sha256"] = read_mined_manifest(negatives.dir).table_sha256
+    return identity
+
+
+def _lora_identity(lcfg: lora.LoRAConfig) -> dict:
+    """The adapters' settings; variant, init and quantize_base only when not plain LoRA's defaults,
+    so that checkpoints written before those options existed still resume."""
+    identity = asdict(lcfg)
+    defaults = lora.LoRAConfig(rank=1, alpha=1.0, dropout=0.0, targets="")
+    for name in ("variant", "init", "quantize_base"):
+        if identity[name] == getattr(defaults, name):
+            del identity[name]
     return identity
 
 
 @dataclass
 class StageResult:
     model: nnx.Module  # the backbone with this stage's training merged in
-    lora_model: nnx.Module | None  # before merging (for a PEFT export), None when resumed as finished
-    lora_config: lora.LoRAConfig | None
+    adapter: Path | None  # the stage's LoRA as a PEFT adapter (None without LoRA)
     history: list[dict[str, float]]
     directory: Path
+
+
+def _save_adapter(
+    directory: Path, adapted: nnx.Module | None, spec: BackboneSpec, lcfg: lora.LoRAConfig | None
+) -> Path | None:
+    """The trained adapters as a PEFT directory, kept with the stage so that an export after a
+    restart has them (its base model path is filled in on export)."""
+    if adapted is None or lcfg is None:
+        return None
+    from unime_jax.conversion.peft import export_peft
+
+    out = directory / ADAPTER_DIR
+    if jax.process_index() == 0:
+        with atomic_directory(out, replace=True) as partial:
+            export_peft(adapted, spec, lcfg, partial, base_model_name_or_path="")
+    return out
 
 
 def run_stage(
@@ -226,18 +285,26 @@ def run_stage(
     merged = directory / MERGED_DIR
     if (merged / MODEL_FILE).is_file():
         print(f"{label}: finished earlier, loading {merged}")
-        return StageResult(load_model(merged, mesh, **runtime_fields(cfg)).model, None, None, [], directory)
+        adapter = directory / ADAPTER_DIR
+        model = load_model(merged, mesh, **runtime_fields(cfg)).model
+        return StageResult(model, adapter if adapter.is_dir() else None, [], directory)
+    if merged.exists():  # written in place by an older version and killed half way: write it again
+        print(f"{label}: {merged} is incomplete; it is written again from the last checkpoint")
+        if jax.process_index() == 0:
+            shutil.rmtree(merged)
     lcfg = lora_config(stage, section, backbone)
     model = backbone.model
+    adapted = None
     if lcfg is not None:
-        lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
-    _check_packable(stage, section, model, lcfg)
+        adapted = lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
+    _check_packable(stage, section, model, backbone.spec, adapted)
     pipeline = _pipeline(stage, cfg, backbone, section, mesh)
+    print(f"{label}: {pipeline.check_host_memory()}", flush=True)
     total = section.steps or max(1, math.ceil(section.epochs * pipeline.batches_per_epoch))
     if stage == "stage1":
         task = Stage1Task(section.loss)
     else:
-        task = Stage2Task(section.loss, in_batch=section.negatives.mode != "mined")
+        task = Stage2Task(section.loss, in_batch=section.negatives.in_batch)
     trainer = Trainer(model, task, section, total, mesh)
     state = trainer.init_state(cfg.seed)
     iterator = iter(pipeline)
@@ -247,21 +314,30 @@ def run_stage(
         to_dict(cfg),
         keep=section.keep_checkpoints,
     )
-    latest = checkpoints.latest_step()
+    # The newest checkpoint that restores; unusable ones are named, set aside, never deleted.
+    state, latest = checkpoints.restore_latest(state, iterator, report=lambda line: print(f"{label}: {line}"))
     if latest is not None:
         print(f"{label}: resuming from step {latest} in {checkpoints.directory}")
-        state = checkpoints.restore(latest, state, iterator)
-    writer = MetricsWriter(directory)
+    writer = MetricsWriter(  # rows past the checkpoint are redone
+        directory, start_step=latest or 0, wandb=cfg.metrics.wandb, label=label, run_config=to_dict(cfg)
+    )
     try:
         state, history = loop.run(trainer, state, iterator, writer, checkpoints=checkpoints, label=label)
     finally:
         writer.close()
         checkpoints.close()
+    print(f"{label}: {iterator.summary()}", flush=True)
+    iterator.check_final()  # the bad-sample limit, judged on everything seen, however little
     # Two views of the trained state: one keeps the adapters (PEFT export), one gets them merged.
     adapted = trainer.model(state) if lcfg is not None else None
     trained = trainer.model(state)
     if lcfg is not None:
         lora.merge_lora(trained)
-    save_model(merged, trained, backbone.model_type, backbone.config, hf_config=backbone.hf_config)
-    backbone.tokenizer.save_pretrained(merged)  # the next stage (or a user) loads the model from here
-    return StageResult(trained, adapted, lcfg, history, directory)
+    adapter = _save_adapter(directory, adapted, backbone.spec, lcfg)
+    if jax.process_index() == 0:
+        write_record(directory, to_dict(cfg))  # what this stage trained with, never rewritten
+    # Last, and whole or not at all: merged/ is what marks the stage finished.
+    save_model(
+        merged, trained, backbone.model_type, backbone.config, hf_config=backbone.hf_config, tokenizer=backbone.tokenizer
+    )
+    return StageResult(trained, adapter, history, directory)

@@ -9,6 +9,8 @@ warm-up, evaluations and ablation (``runs.demo``).
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,18 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from unime_jax.config import dump_yaml
+from unime_jax.atomic import atomic_directory
+from unime_jax.cli_errors import usage_errors
+from unime_jax.config import dump_yaml, to_dict
+from unime_jax.data.errors import DataError
 from unime_jax.models import lora
 from unime_jax.runs.demo import Demo
+from unime_jax.runs.model_card import model_card, write_card
+from unime_jax.runs.preflight import check_inputs
+from unime_jax.runs.records import StageRecord, check_unchanged
 from unime_jax.runs.schema import Config
 from unime_jax.runs.stages import MERGED_DIR, Backbone, StageResult, load_backbone, run_stage, stage_start
+from unime_jax.training.sections import StageSection
 
 __all__ = ["Outcome", "summary", "train"]
 
@@ -51,33 +60,86 @@ def summary(cfg: Config, backbone: Backbone, mesh: Mesh) -> str:
 
 
 def _export(
-    cfg: Config, workdir: Path, backbone: Backbone, last: StageResult, start: Path | None, mesh: Mesh
+    cfg: Config,
+    workdir: Path,
+    backbone: Backbone,
+    last: StageResult,
+    start: Path | None,
+    mesh: Mesh,
+    evaluation: str | None = None,
 ) -> list[str]:
-    """Merged HF directory, plus the last stage's LoRA as a PEFT adapter over its base weights."""
-    from unime_jax.conversion.peft import export_peft
+    """Merged HF directory, plus the last stage's LoRA as a PEFT adapter over its base weights,
+    each with its model card (``runs.model_card``; ``evaluation``: the run's evaluation summary).
+
+    Each directory is written under a temporary name and renamed into place (replacing an
+    earlier export), so a run killed while exporting leaves none half-written and its rerun
+    exports again.
+    """
     from unime_jax.conversion.to_hf import export_hf
 
     written = []
+    hf = workdir / "export" / "hf"
     if cfg.export.hf:
-        out = workdir / "export" / "hf"
-        export_hf(last.model, backbone.spec, backbone.config, out, stored_hf_config=backbone.hf_config, progress=False)
-        backbone.tokenizer.save_pretrained(out)
-        written.append(str(out))
-    if cfg.export.peft and last.lora_model is not None:
+        with atomic_directory(hf, replace=True) as partial:
+            export_hf(
+                last.model, backbone.spec, backbone.config, partial, stored_hf_config=backbone.hf_config, progress=False
+            )
+            backbone.tokenizer.save_pretrained(partial)
+            card = model_card(
+                cfg, backbone, library="transformers", path=str(hf), architecture=_architecture(partial),
+                evaluation=evaluation,
+            )  # fmt: skip
+            write_card(partial, card)
+        written.append(str(hf))
+    if cfg.export.peft and last.adapter is not None:
         base = workdir / "export" / "peft_base_hf"
         start_model = stage_start(cfg, mesh, start)
-        export_hf(
-            start_model, backbone.spec, backbone.config, base, stored_hf_config=backbone.hf_config, progress=False
-        )
-        backbone.tokenizer.save_pretrained(base)
+        with atomic_directory(base, replace=True) as partial:
+            export_hf(
+                start_model, backbone.spec, backbone.config, partial, stored_hf_config=backbone.hf_config, progress=False
+            )
+            backbone.tokenizer.save_pretrained(partial)
         out = workdir / "export" / "peft"
-        export_peft(last.lora_model, backbone.spec, last.lora_config, out, base_model_name_or_path=str(base))
+        with atomic_directory(out, replace=True) as partial:
+            _copy_adapter(last.adapter, partial, base)
+            card = model_card(
+                cfg, backbone, library="peft", path=str(out), architecture=_architecture(base),
+                evaluation=evaluation, merged=str(hf) if cfg.export.hf else None, adapter_base=str(base),
+            )  # fmt: skip
+            write_card(partial, card)
         written += [str(base), str(out)]
     return written
 
 
-def train(cfg: Config) -> Outcome:
-    """Run the configured stages (resuming what an earlier run left) and export the result."""
+def _architecture(hf_dir: Path) -> str:
+    """The first ``architectures`` entry of an exported config.json (the class transformers loads)."""
+    return json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+
+
+def _copy_adapter(adapter: Path, out: Path, base: Path) -> None:
+    """The stage's PEFT adapter, pointed at the base weights it was exported over."""
+    from unime_jax.conversion.peft import ADAPTER_CONFIG
+
+    for file in adapter.iterdir():
+        shutil.copy2(file, out / file.name)
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2))
+
+
+def _stages(cfg: Config, workdir: Path, demo: Demo | None) -> list[tuple[StageRecord, StageSection]]:
+    """Every stage the run trains, in order, with its section."""
+    own = [(StageRecord(workdir / stage, stage, stage), getattr(cfg, stage)) for stage in cfg.stages]
+    return (demo.stages() if demo is not None else []) + own
+
+
+def train(cfg: Config, allow_changes: tuple[str, ...] = ()) -> Outcome:
+    """Run the configured stages (resuming what an earlier run left) and export the result.
+
+    Before any model loads, the config is compared with what the workdir's stages were trained
+    with (``runs.records``: a change to a trained setting is refused unless its key is in
+    ``allow_changes``), and the data of every unfinished stage is opened and sized
+    (``runs.preflight``); either failure is a UsageError.
+    """
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed
 
@@ -90,8 +152,12 @@ def train(cfg: Config) -> Outcome:
     demo = Demo(cfg, workdir) if cfg.demo is not None else None
     if demo is not None:
         cfg = demo.cfg
+    stages = _stages(cfg, workdir, demo)
+    with usage_errors(DataError):
+        check_unchanged(to_dict(cfg), [record for record, _ in stages], allow_changes)
+        check_inputs(cfg, stages)
     if jax.process_index() == 0:
-        dump_yaml(cfg, workdir / "config.yaml")
+        dump_yaml(cfg, workdir / "config.yaml")  # this run's settings; each stage keeps its own record
     backbone = load_backbone(cfg, mesh)
     print(summary(cfg, backbone, mesh), flush=True)
     previous: Path | None = None  # the merged model the next stage starts from
@@ -110,5 +176,6 @@ def train(cfg: Config) -> Outcome:
         demo.ablation(backbone, mesh, start)
     outcome = Outcome(results=demo.results if demo is not None else {})
     if last is not None and jax.process_index() == 0:
-        outcome.exported = _export(cfg, workdir, backbone, last, start, mesh)
+        evaluation = demo.summary() if demo is not None else None
+        outcome.exported = _export(cfg, workdir, backbone, last, start, mesh, evaluation)
     return outcome

@@ -9,11 +9,17 @@ Items of each step directory:
 orbax writes each step to a temporary directory and renames it when complete, so a crash never
 leaves a half-written "latest" checkpoint, and an existing step is never overwritten. A
 checkpoint from a different model or config is refused with a message naming the difference.
+
+A checkpoint that exists but does not restore (a truncated file, a damaged disk) is skipped by
+:meth:`Checkpoints.restore_latest`: the newest one that restores is used, and each skipped one
+is named with the reason and moved aside to ``<directory>.skipped/<step>``, never deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,28 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from unime_jax.model_io import first_line
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in the work directory was written for another model or run config."""
+
+    exit_code = 2  # a config error for the command lines (unime_jax.cli_errors)
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """An item of a checkpoint cannot be read back (truncated file, damaged disk); names the item."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist, but none of them restores."""
+
+    exit_code = 1  # a failure while running, for the command lines (unime_jax.cli_errors)
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a restore error (tensorstore's run to pages), which names the file."""
+    return f"{type(error).__name__}: {first_line(error, 300)}"
 
 
 def describe_state(state: Any) -> dict[str, list[int]]:
@@ -44,6 +69,23 @@ def _differences(saved: dict, current: dict, limit: int = 8) -> list[str]:
                 f"{key}: checkpoint {json.dumps(saved.get(key))[:200]} vs now {json.dumps(current.get(key))[:200]}"
             )
     return out[:limit]
+
+
+def saved_config(directory: Path) -> tuple[int, dict] | None:
+    """(step, run config) of the newest checkpoint under ``directory`` whose config reads; None if none.
+
+    Read from orbax's JSON file directly: a cheap look before anything is loaded (the run's
+    config-change check), with no orbax manager to start.
+    """
+    steps = sorted((int(p.name) for p in Path(directory).glob("*") if p.name.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            config = json.loads((Path(directory) / str(step) / "config" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: restore_latest will skip it and say why
+        if isinstance(config, dict):
+            return step, config
+    return None
 
 
 class Checkpoints:
@@ -78,7 +120,20 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def check_identity(self, step: int, state: Any) -> None:
-        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        """CheckpointMismatchError when step ``step`` was written for another model or config."""
+        self._check(step, self._meta(step), state)
+
+    def _meta(self, step: int) -> dict:
+        return self._item(step, "meta", ocp.args.JsonRestore())
+
+    def _item(self, step: int, name: str, args: Any) -> Any:
+        """One item of a checkpoint; UnreadableCheckpointError naming its directory when it fails."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        except Exception as e:  # tensorstore, JSON and grain errors alike
+            raise UnreadableCheckpointError(f"{self.directory / str(step) / name}: {_reason(e)}") from e
+
+    def _check(self, step: int, saved: dict, state: Any) -> None:
         current = {**self.identity, "state": describe_state(state)}
         diffs = _differences(saved, current)
         if diffs:
@@ -91,15 +146,60 @@ class Checkpoints:
     def restore(self, step: int, state: Any, data_iterator: Any | None = None) -> Any:
         """Load step `step` into the structure and shardings of `state` (and the iterator, in place)."""
         self.check_identity(step, state)
+        return self._restore(step, state, data_iterator)
+
+    def _restore(self, step: int, state: Any, data_iterator: Any | None) -> Any:
         target = {
             k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in _leaves(state).items()
         }
-        items = {"state": ocp.args.StandardRestore(target)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        leaves = [restored["state"][k] for k in sorted(restored["state"])]
+        restored = self._item(step, "state", ocp.args.StandardRestore(target))
+        if data_iterator is not None:  # sets the iterator's position in place
+            self._item(step, "data", grain.checkpoint.CheckpointRestore(data_iterator))
+        leaves = [restored[k] for k in sorted(restored)]
         return jax.tree.unflatten(jax.tree.structure(state), leaves)
+
+    def restore_latest(
+        self, state: Any, data_iterator: Any | None = None, report: Callable[[str], None] = print
+    ) -> tuple[Any, int | None]:
+        """The newest checkpoint that restores, as (state, step); (state, None) when there is none.
+
+        A checkpoint that fails to restore is skipped, and ``report`` names it and the reason; once
+        an older one restores, the skipped ones are moved to ``<directory>.skipped/`` (kept, so a
+        run that saves the same step again does not collide with them). A checkpoint of another
+        model or config is not skipped: CheckpointMismatchError. NoUsableCheckpointError when
+        none restores (nothing is moved then).
+        """
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self._meta(step)
+                self._check(step, saved, state)  # another model or config is refused, not skipped
+                restored = self._restore(step, state, data_iterator)
+            except UnreadableCheckpointError as e:
+                failures.append((step, str(e)))
+                report(f"skipping checkpoint {self.directory / str(step)}: {e}")
+                continue
+            for bad, _ in failures:
+                report(f"moved the unusable checkpoint {self.directory / str(bad)} to {self._set_aside(bad)}")
+            if failures:
+                self.manager.reload()
+            return restored, step
+        if failures:
+            listing = "; ".join(f"step {step}: {why}" for step, why in failures)
+            raise NoUsableCheckpointError(
+                f"no checkpoint in {self.directory} restores ({listing}); move them away to start the "
+                "stage over, or restore the files"
+            )
+        return state, None
+
+    def _set_aside(self, step: int) -> Path:
+        aside = self.directory.with_name(f"{self.directory.name}.skipped") / str(step)
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{step}.{n}"), n + 1
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.directory / str(step), aside)
+        return aside
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

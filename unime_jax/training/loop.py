@@ -7,12 +7,13 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from unime_jax.data.packing import PACKED_PREFIX
+from unime_jax.progress import progress
 from unime_jax.sharding import global_batch
 from unime_jax.training.checkpoints import Checkpoints
 from unime_jax.training.metrics import MetricsWriter
+from unime_jax.training.profiling import StepTrace
 from unime_jax.training.trainer import Trainer, TrainState
 
 PACKED_ROW_LEN, PACKED_ROLE = PACKED_PREFIX + "row_len", PACKED_PREFIX + "role_"
@@ -20,6 +21,8 @@ PACKED_ROW_LEN, PACKED_ROLE = PACKED_PREFIX + "row_len", PACKED_PREFIX + "role_"
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive NaN/inf steps; the last good checkpoint was left untouched."""
+
+    exit_code = 1  # a failure while running, for the command lines (unime_jax.cli_errors)
 
 
 def _tokens(local: dict[str, np.ndarray]) -> int:
@@ -35,6 +38,13 @@ def _rows(local: dict[str, np.ndarray]) -> int:
         return min(v.shape[0] * v.shape[1] for v in roles) * jax.process_count()
     masks = [v for k, v in local.items() if k.endswith("attention_mask")]
     return masks[0].shape[0] * jax.process_count() if masks else 0
+
+
+def _last_good(checkpoints: Checkpoints | None) -> str:
+    last = None if checkpoints is None else checkpoints.latest_step()
+    if last is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint, step {last} in {checkpoints.directory}, is kept"
 
 
 def run(
@@ -60,17 +70,32 @@ def run(
     counts = getattr(batches, "total_counts", None)
     history: list[dict[str, float]] = []
     start = int(state.step)
-    bar = tqdm(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
-    for step in range(start, end):
+    bar = progress(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
+    trace = StepTrace(stage.profile, writer.tensorboard_dir)  # the stage's `profile` window, if any
+
+    def fetch() -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
         local = next(batches)
+        return local, global_batch(local, trainer.mesh)  # the transfer runs asynchronously
+
+    pending = fetch() if start < end else None
+    postponed = False  # a save that fell inside a NaN/inf streak: taken at the first clean step
+    for step in range(start, end):
+        local, batch = pending
+        trace.before(step + 1)
         tic = time.perf_counter()
-        state, metrics = trainer.step(state, global_batch(local, trainer.mesh))
+        state, metrics = trainer.step(state, batch)
+        seen = counts().metrics() if counts else {}  # the samples up to this step's batch
+        save = checkpoints is not None and (postponed or (step + 1) % stage.save_every == 0 or step + 1 == end)
+        # Batch k+1 is read and sent while step k runs, before its metrics block the host. A
+        # checkpoint must hold the iterator positioned at batch k+1, so at a save it is read after.
+        pending = fetch() if step + 1 < end and not save else None
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - tic
+        trace.after(step + 1)
         if int(state.nonfinite_run) >= stage.max_nonfinite:
             raise TrainingDivergedError(
                 f"{stage.max_nonfinite} consecutive steps had NaN/inf loss or gradients (at step {step + 1}); "
-                "stopped without saving. Lower the learning rate or check the data; the last good checkpoint is kept."
+                f"stopped without saving. Lower the learning rate or check the data; {_last_good(checkpoints)}"
             )
         values.update(
             step_time_s=elapsed, items_per_s=_rows(local) / elapsed, tokens_per_s=_tokens(local) / elapsed
@@ -81,12 +106,16 @@ def run(
             )
         history.append(values)
         if (step + 1) % stage.log_every == 0:
-            writer.write(step + 1, {**values, **(counts().metrics() if counts else {})}, label)
+            writer.write(step + 1, {**values, **seen}, label)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update(1)
-        if checkpoints is not None and ((step + 1) % stage.save_every == 0 or step + 1 == end):
-            checkpoints.save(step + 1, state, batches)
+        if save:
+            postponed = int(state.nonfinite_run) > 0  # no checkpoint while the streak counter is above 0
+            if not postponed:
+                checkpoints.save(step + 1, state, batches)
+            pending = fetch() if step + 1 < end else None
     bar.close()
+    trace.close()
     if checkpoints is not None:
         checkpoints.wait()
     return state, history

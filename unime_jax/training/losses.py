@@ -211,6 +211,7 @@ def stage2_hardneg_loss(
     all_negatives: bool = False,
     target_ids: jax.Array | None = None,
     extra_c: jax.Array | None = None,
+    extra_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """InfoNCE over the positive and k mined in-batch hard negatives, with false-negative filter.
 
@@ -229,6 +230,8 @@ def stage2_hardneg_loss(
       extra_c: optional (B, M, D) externally mined negatives for each row, subject to the same β
         filter; every one that passes it is a negative, in addition to the in-batch ones (k=0 and
         not ``all_negatives``: the mined negatives alone).
+      extra_valid: optional (B, M) bool; False marks an ``extra_c`` slot that holds no negative (the
+        data had none for it): it is neither a negative nor counted as a candidate.
 
     Returns:
       (loss, metrics), all float32 scalars: ``loss``; ``false_neg_frac`` (fraction of non-positive
@@ -255,6 +258,11 @@ def stage2_hardneg_loss(
     sims = _candidate_sims(q, c, extra_c)
     pos = jnp.diagonal(sims[:, :b])
     _, beta_filtered, valid = _candidate_masks(sims, pos, beta, target_ids)
+    n_offdiag = sims.size - b
+    if extra_valid is not None:
+        present = jnp.concatenate([jnp.ones((b, b), bool), extra_valid.astype(bool)], axis=1)
+        beta_filtered, valid = beta_filtered & present, valid & present
+        n_offdiag = jnp.sum(present) - b
 
     batch_sims, batch_valid = sims[:, :b], valid[:, :b]
     if all_negatives:
@@ -277,10 +285,9 @@ def stage2_hardneg_loss(
 
     n_neg = jnp.sum(neg_valid)
     max_neg = jnp.max(jnp.where(neg_valid, neg_sims, -jnp.inf), axis=1)
-    n_offdiag = sims.size - b
     metrics = {
         "loss": loss,
-        "false_neg_frac": jnp.sum(beta_filtered) / jnp.float32(max(n_offdiag, 1)),
+        "false_neg_frac": jnp.sum(beta_filtered) / jnp.maximum(n_offdiag, 1).astype(jnp.float32),
         "rows_with_false_neg": jnp.mean(jnp.any(beta_filtered, axis=1).astype(jnp.float32)),
         "pos_sim": jnp.mean(pos),
         "hardneg_sim": jnp.sum(jnp.where(neg_valid, neg_sims, 0.0)) / jnp.maximum(n_neg, 1),

@@ -7,6 +7,8 @@ from typing import Literal
 
 import optax
 
+from unime_jax.config import check_range
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -22,6 +24,17 @@ class OptimizerConfig:
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float | None = 1.0  # clip by global norm; null = no clipping
     accumulation_steps: int = 1  # optimizer update every N steps, averaging their gradients
+
+    def __post_init__(self) -> None:
+        check_range(self, "learning_rate", above=0)
+        check_range(self, "warmup_steps", at_least=0)
+        check_range(self, "end_lr_ratio", at_least=0, at_most=1)
+        check_range(self, "weight_decay", at_least=0)
+        for name in ("b1", "b2"):
+            check_range(self, name, at_least=0, below=1)
+        check_range(self, "eps", above=0)
+        check_range(self, "grad_clip", above=0)
+        check_range(self, "accumulation_steps", at_least=1)
 
 
 def make_schedule(cfg: OptimizerConfig, total_updates: int) -> optax.Schedule:

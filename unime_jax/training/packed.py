@@ -31,7 +31,8 @@ from unime_jax.training.gradcache import EmbedFn, LossFn
 Batch = Mapping[str, jax.Array]
 # (params, tiles (N, C, S, S)) -> per-tile features (N, per_tile, D)
 TileFn = Callable[[Any, jax.Array], jax.Array]
-# (params, length, per-row model inputs as keywords) -> (rows, length) rows of each row's own tile features
+# (params, length, per-row model inputs as keywords) -> (rows, length) rows of each row's own tile
+# features, or (rows, length, taps) when each slot blends several (the model weighs them itself)
 IndexFn = Callable[..., jax.Array]
 
 _PLAN = PACKED_PREFIX + "plan_"
@@ -148,10 +149,13 @@ class PackedEmbedder:
             if key.startswith(_ROW) and key[len(_ROW) :] not in _ROW_FIXED
         }
         per_tile = table.shape[1] // batch[PACKED_PREFIX + "tiles"].shape[1]
-        index = self.index(params, cls.length, **extras).reshape(positions.shape)
+        index = self.index(params, cls.length, **extras)
+        taps = index.shape[2:]  # (): one feature per slot; (k,): k blended features (LLaVA-OneVision)
+        index = index.reshape(*positions.shape, *taps)
         first = _take(batch[_ROW + "tile"], rows) * per_tile
-        at = (first[..., None] + index).reshape(positions.shape[0], -1)
-        gathered = _take(table, at).reshape(-1, cls.length, table.shape[-1])
+        first = first.reshape(*first.shape, *[1] * (index.ndim - first.ndim))
+        at = (first + index).reshape(positions.shape[0], -1)
+        gathered = _take(table, at).reshape(-1, cls.length, *taps, table.shape[-1])
         return inputs | extras | {"gathered_features": gathered}
 
     # ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Literal
 
 import jax
 
+from unime_jax.config import check_range
 from unime_jax.training.losses import nli_candidates, stage1_kd_loss, stage2_hardneg_loss
 
 Batch = dict[str, jax.Array]
@@ -41,6 +42,9 @@ class Stage1Config:
     )
     direction: Literal["teacher_student", "student_teacher"] = "teacher_student"  # KL(P_t||P_s) by default
 
+    def __post_init__(self) -> None:
+        check_range(self, "tau", above=0)
+
 
 @dataclass(frozen=True)
 class Stage2Config:
@@ -53,6 +57,10 @@ class Stage2Config:
         False  # denominator over all unfiltered in-batch negatives (k is ignored for it if 0)
     )
     dedupe_targets: bool = False  # mask candidates whose target equals the positive (duplicate labels)
+
+    def __post_init__(self) -> None:
+        check_range(self, "tau", above=0)
+        check_range(self, "k", at_least=0)
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class Stage1Task:
 @dataclass(frozen=True)
 class Stage2Task:
     cfg: Stage2Config
-    in_batch: bool = True  # false: mined negatives (the batch's `negative_*`) are the only negatives
+    in_batch: bool = True  # false: mined or data negatives (the batch's `negative_*`) are the only negatives
 
     def groups(self, batch: Batch) -> dict[str, dict[str, jax.Array]]:
         names = ["query", "target"] + (["negative"] if "negative_attention_mask" in batch else [])
@@ -103,6 +111,7 @@ class Stage2Task:
             all_negatives=self.cfg.all_negatives and self.in_batch,
             target_ids=batch.get("target_ids") if self.cfg.dedupe_targets else None,
             extra_c=extra,
+            extra_valid=batch.get("valid_negatives") if extra is not None else None,
         )
 
 

@@ -53,6 +53,18 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mes
     )
 
 
+def embed_fn(graphdef: nnx.GraphDef, frozen: Any) -> EmbedFn:
+    """The training forward of a split model: (trainable params, model inputs, dropout key) ->
+    L2-normalised last-token embeddings, with the key's LoRA dropout masks."""
+
+    def embed(params: Any, inputs: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+        # Fresh variables (copy=True): remat and dropout write to the model inside this trace.
+        model = nnx.merge(graphdef, params, lora.lora_dropout_keys(frozen, key), copy=True)
+        return pooling.embed(model(**inputs), inputs["attention_mask"])
+
+    return embed
+
+
 class Trainer:
     """Owns the split model, the optimizer and the compiled step of one stage.
 
@@ -78,13 +90,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     def embed_fn(self, frozen: Any) -> EmbedFn:
         """(trainable params, model inputs, dropout key) -> L2-normalised last-token embeddings."""
-
-        def embed(params: Any, inputs: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-            # Fresh variables (copy=True): remat and dropout write to the model inside this trace.
-            model = nnx.merge(self.graphdef, params, lora.lora_dropout_keys(frozen, key), copy=True)
-            return pooling.embed(model(**inputs), inputs["attention_mask"])
-
-        return embed
+        return embed_fn(self.graphdef, frozen)
 
     def packed_embedder(self, frozen: Any) -> PackedEmbedder:
         """The packed layout's passes; the vision parts are the model's own (absent for a text LM)."""

@@ -16,6 +16,7 @@ from unime_jax.backbones.decoder_hf import lm_targets
 from unime_jax.backbones.llava_next.hf_config import KEY_LAYOUTS, llava_next_from_hf, llava_next_to_hf
 from unime_jax.backbones.llava_next.images import LLAVA_V16_PINPOINTS
 from unime_jax.backbones.llava_next.inputs import IMAGE_TOKEN, LlavaNextInputs
+from unime_jax.backbones.llava_next.reference import reference_model
 from unime_jax.backbones.spec import BackboneSpec
 from unime_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from unime_jax.processing.prompts import Templates
@@ -55,4 +56,5 @@ SPEC = BackboneSpec(
     lm_targets=_lm_targets,
     vision_targets=attention_targets(r"vision_tower\."),
     mmeb_max_len=4096,  # UniME's README MMEB command (VLM2Vec eval.py --max_len 4096)
+    reference=reference_model,
 )

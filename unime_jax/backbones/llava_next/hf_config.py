@@ -9,13 +9,13 @@ from unime_jax.backbones.decoder_hf import decoder_from_hf, decoder_to_hf
 from unime_jax.backbones.spec import UnsupportedModelError
 from unime_jax.models.llava_next import LlavaNextConfig
 
-__all__ = ["KEY_LAYOUTS", "llava_next_from_hf", "llava_next_to_hf"]
+__all__ = ["KEY_LAYOUTS", "llava_next_from_hf", "llava_next_to_hf", "with_hf_defaults"]
 
 
-def _with_hf_defaults(hf: dict) -> dict:
+def with_hf_defaults(hf: dict) -> dict:
     """config.json completed with the defaults transformers fills in when it loads it.
 
-    Hub LLaVA-NeXT configs store sub-configs as differences from defaults (llava-hf's Mistral
+    Hub LLaVA-NeXT (and OneVision) configs store sub-configs as differences from defaults (llava-hf's Mistral
     text_config has no hidden_size or num_hidden_layers), so they are read through transformers'
     own config classes, in whichever major version is installed.
     """
@@ -26,7 +26,7 @@ def _with_hf_defaults(hf: dict) -> dict:
 
 
 def llava_next_from_hf(hf: dict) -> LlavaNextConfig:
-    full = _with_hf_defaults(hf)
+    full = with_hf_defaults(hf)
     text, vision = full["text_config"], full["vision_config"]
     if text["model_type"] not in ("llama", "mistral"):
         raise UnsupportedModelError(

@@ -82,7 +82,7 @@ class LlavaNextInputs:
         return self.processor.num_tokens(height, width)
 
     def num_tiles(self, arrays: Arrays) -> int:
-        rows, cols = (int(v) for v in arrays["image_grids"])
+        rows, cols = (int(v) for v in arrays["image_grids"][:2])  # OneVision appends its feature grid
         return 1 + rows * cols if rows else 0  # the base tile, then the pinpoint grid
 
     def process(self, image: ImageInput) -> tuple[Arrays, int]:

@@ -13,6 +13,7 @@ from unime_jax.backbones.clip import attention_targets
 from unime_jax.backbones.decoder_hf import lm_targets
 from unime_jax.backbones.phi3_v.hf_config import phi3_v_from_hf, phi3_v_to_hf, processor_settings
 from unime_jax.backbones.phi3_v.inputs import Phi3VInputs
+from unime_jax.backbones.phi3_v.reference import reference_model
 from unime_jax.backbones.spec import BackboneSpec
 from unime_jax.models.phi3_v import Phi3VConfig, Phi3VForCausalLM
 from unime_jax.processing.prompts import IMAGE_TAG, Templates
@@ -46,4 +47,5 @@ SPEC = BackboneSpec(
     lm_targets=_lm_targets,
     vision_targets=attention_targets(r"model\.vision_embed_tokens\.img_processor\."),
     mmeb_max_len=256,  # UniME's README MMEB command (VLM2Vec eval.py --max_len 256)
+    reference=reference_model,
 )

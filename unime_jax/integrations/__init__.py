@@ -1,0 +1,1 @@
+"""Adapters to other libraries' interfaces (each imports its library, an optional dependency)."""
