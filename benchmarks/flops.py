@@ -460,16 +460,6 @@ def _arch(cfg: Any) -> Any:
     )
 
 
-def _lora(stage_section: Any, arch: Any) -> Any:
-    from unime_jax.backbones import spec_for
-    from unime_jax.models import lora
-
-    s = stage_section.lora
-    if not s.enabled:
-        return None
-    return lora.LoRAConfig(s.rank, s.alpha, s.dropout, spec_for(MODEL_TYPE).lora_targets(arch))
-
-
 def _stacked(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     from unime_jax.data.batching import stack_examples
 
@@ -631,7 +621,8 @@ def _report(name: str, count: Count) -> dict:
 
 
 def run_stage(stage: str, overrides: Sequence[str]) -> dict:
-    from unime_jax.runs.stages import pack_spec
+    from unime_jax.backbones import spec_for
+    from unime_jax.runs.stages import lora_config, pack_spec
     from unime_jax.sharding import make_mesh
 
     cfg = _load_config(stage, overrides)
@@ -645,7 +636,8 @@ def run_stage(stage: str, overrides: Sequence[str]) -> dict:
         batch, subsets = stage2_batch(cfg, arch, section.batch_size)
         featurizer = _mmeb_featurizer(cfg, arch)
     extras = {} if featurizer is None else featurizer.inputs.empty()
-    costs = Costs(arch, _lora(section, arch), cfg.model.remat, extras)
+    adapters = lora_config(stage, section, spec_for(MODEL_TYPE), arch)  # the run's own adapters
+    costs = Costs(arch, adapters, cfg.model.remat, extras)
     spec = pack_spec(section, mesh, cfg.data.text.max_len, featurizer, ())
     gradcache = section.grad_chunks > 1
     label = (

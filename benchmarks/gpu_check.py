@@ -76,7 +76,8 @@ def build_config(name: str, tiny: bool) -> transformers.PretrainedConfig:
     )
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as numpy, bf16 kept as ml_dtypes' bfloat16 (numpy has none)."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
@@ -123,7 +124,8 @@ def _fp32_hidden(ref, ids: np.ndarray, mask: np.ndarray, device: str, **extra) -
     return hidden
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative Frobenius error of ``a`` against the reference ``b``."""
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
@@ -136,9 +138,9 @@ def _compare(h_jax: np.ndarray, h_torch: np.ndarray, h_fp32: np.ndarray, mask: n
     cos = (e_torch * e_jax).sum(1) / np.linalg.norm(e_torch, axis=1) / np.linalg.norm(e_jax, axis=1)
     return {
         "seq": seq,
-        "rel_err_jax_vs_torch": _rel(h_jax[real], h_torch[real]),
-        "rel_err_jax_bf16_vs_fp32": _rel(h_jax[real], h_fp32[real]),
-        "rel_err_torch_bf16_vs_fp32": _rel(h_torch[real], h_fp32[real]),
+        "rel_err_jax_vs_torch": rel_err(h_jax[real], h_torch[real]),
+        "rel_err_jax_bf16_vs_fp32": rel_err(h_jax[real], h_fp32[real]),
+        "rel_err_torch_bf16_vs_fp32": rel_err(h_torch[real], h_fp32[real]),
         "max_abs_err_jax_vs_torch": float(np.abs(h_jax[real] - h_torch[real]).max()),
         "min_pooled_cosine_jax_vs_torch": float(cos.min()),
     }
@@ -155,7 +157,7 @@ def check_model(name: str, tiny: bool, device: str, attention: str, encode: bool
         ).eval()
     torch.set_default_dtype(torch.float32)
     tic = time.perf_counter()
-    state = {k: _to_numpy(v) for k, v in ref.state_dict().items()}
+    state = {k: to_numpy(v) for k, v in ref.state_dict().items()}
     loaded = load_from_source(
         ArrayDict(state), cfg.to_dict(), make_mesh(devices=jax.devices()[:1]), progress=False,
         dtype="float32" if tiny else "bfloat16", attention="xla" if tiny else attention,
@@ -375,7 +377,7 @@ def llava_check(tiny: bool, device: str, attention: str, parts: str = "parity,fe
     with torch.device(device):
         ref = transformers.LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
     torch.set_default_dtype(torch.float32)
-    state = {k: _to_numpy(v) for k, v in ref.state_dict().items()}
+    state = {k: to_numpy(v) for k, v in ref.state_dict().items()}
     loaded = load_from_source(
         ArrayDict(state), cfg.to_dict(), make_mesh(devices=jax.devices()[:1]), progress=False,
         dtype="float32" if tiny else "bfloat16", attention="xla" if tiny else attention,
@@ -436,7 +438,7 @@ def _llava_feature_errors(ref, model, batch: dict, extra: dict, tiny: bool) -> d
     out = {"counts_equal": [int(c) for c in count] == [len(f) for f in torch_feats]}
     if out["counts_equal"]:
         jax_all, torch_all = np.concatenate(ours), np.concatenate(torch_feats)
-        out["rel_err_jax_vs_torch"] = _rel(jax_all, torch_all)
+        out["rel_err_jax_vs_torch"] = rel_err(jax_all, torch_all)
         if not tiny:
             ref.float()
             with torch.no_grad():
@@ -444,8 +446,8 @@ def _llava_feature_errors(ref, model, batch: dict, extra: dict, tiny: bool) -> d
             ref.to(torch.bfloat16)
             torch.cuda.empty_cache()
             fp32_all = np.concatenate(fp32)
-            out["rel_err_jax_bf16_vs_fp32"] = _rel(jax_all, fp32_all)
-            out["rel_err_torch_bf16_vs_fp32"] = _rel(torch_all, fp32_all)
+            out["rel_err_jax_bf16_vs_fp32"] = rel_err(jax_all, fp32_all)
+            out["rel_err_torch_bf16_vs_fp32"] = rel_err(torch_all, fp32_all)
     return out
 
 

@@ -22,7 +22,9 @@ Convert model weights between HuggingFace (safetensors) and unime-jax (orbax) ch
           HF directory and prints each row's cosine, pass or fail (the step after to-jax).
 
 Supported model types: llava_next (LLaVA-1.6 / UniME-LLaVA-1.6), phi3_v (Phi-3.5-V / UniME-Phi3.5-V),
-llama, mistral, phi3 and clip_vision_model; transformers 4 and 5 key layouts are both read.
+llava_onevision (LLaVA-OneVision / UniME-LLaVA-OneVision), llama, mistral, phi3, qwen2,
+clip_vision_model and siglip_vision_model; transformers 4 and 5 key layouts are both read.
+verify covers the embedders: llava_next, phi3_v and llava_onevision.
 """
 
 EPILOG = """\
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {len(files)} safetensors file(s) and config.json to {args.out}")
         return 0
 
-    return run(convert, debug=getattr(args, "debug", False))
+    return run(convert, debug=args.debug)
 
 
 if __name__ == "__main__":

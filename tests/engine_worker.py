@@ -70,8 +70,8 @@ def main() -> None:
     state = trainer.init_state(seed=0)
     identity = {"model": "tiny-mistral", "task": "stage2"}
     ckpts = Checkpoints(Path(args.workdir) / "checkpoints", identity, {"steps": args.steps}, keep=2)
-    if ckpts.latest_step() is not None:
-        state = ckpts.restore(ckpts.latest_step(), state, iterator)
+    state, restored = ckpts.restore_latest(state, iterator)
+    print(f"process {pid} restored step {restored}", flush=True)
     writer = MetricsWriter(Path(args.workdir))
     state, history = loop.run(trainer, state, iterator, writer, checkpoints=ckpts, stop_at=args.stop_after)
     ckpts.close()

@@ -89,6 +89,21 @@ def test_every_cli_fails_with_one_line(tmp_path, main, args, status, message):
     assert code == status and message.format(tmp=tmp_path) in _one_line(stderr), stderr
 
 
+def test_a_value_error_points_to_the_traceback_and_a_project_error_does_not(capsys):
+    from unime_jax.cli_errors import run
+
+    def library() -> int:
+        raise ValueError("buffer size must be positive")  # from a library as well as from us
+
+    def ours() -> int:
+        raise DataError("rows.csv:3: empty text")
+
+    assert run(library) == 1 and capsys.readouterr().err.strip() == (
+        f"error: buffer size must be positive (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    )
+    assert run(ours) == 1 and capsys.readouterr().err.strip() == "error: rows.csv:3: empty text"
+
+
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     args = ["--config", str(tmp_path / "absent.yaml")]
     assert "Traceback" in _call(train.main, *args, "--debug")[1]

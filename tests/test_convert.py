@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_help_runs_without_jax():
     )
     assert out.returncode == 0
     assert "--hf-dir" in out.stdout and "--dtype" in out.stdout
+
+
+def test_help_lists_the_registry():
+    """--help answers without JAX, so its model types are written out: they must stay the registry's,
+    and verify's those with a PyTorch reference."""
+    from convert.__main__ import DESCRIPTION
+    from unime_jax.backbones import SPECS
+
+    supported, verified = DESCRIPTION.split("Supported model types:")[1].split("verify covers")
+    named = {t for t in SPECS if re.search(rf"\b{t}\b", supported)}
+    assert named == set(SPECS)
+    assert {t for t in SPECS if re.search(rf"\b{t}\b", verified)} == {
+        t for t, spec in SPECS.items() if spec.reference is not None
+    }
 
 
 def test_in_memory_state_dict_converts_like_the_files(tmp_path):

@@ -1,5 +1,6 @@
-"""`python -m convert verify`: our embeddings against transformers' (LLaVA-NeXT) and VLM2Vec's
-(Phi-3.5-V) on tiny random checkpoints, and a deliberately corrupted conversion that fails by row."""
+"""`python -m convert verify`: our embeddings against transformers' (LLaVA-NeXT, LLaVA-OneVision)
+and VLM2Vec's (Phi-3.5-V) on tiny random checkpoints, and a deliberately corrupted conversion that
+fails by row."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from helpers.llava import write_tiny_llava
+from helpers.onevision import write_tiny_onevision
 from helpers.phi3_v_reference import reference_clip, write_reference  # noqa: F401
 from helpers.tokenizers import phi_tokenizer
 from safetensors.numpy import load_file, save_file
@@ -33,6 +35,11 @@ def phi3_v_dir(tmp_path_factory, reference_clip) -> Path:  # noqa: F811
     write_reference(out, vocab_size=32064)  # the Phi tokenizer's ids
     phi_tokenizer().save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory) -> Path:
+    return write_tiny_onevision(tmp_path_factory.mktemp("verify") / "onevision")
 
 
 def _corrupted_checkpoint(hf_dir: Path, tensor: str, out: Path) -> Path:
@@ -69,16 +76,23 @@ def test_llava_next_corrupted_conversion_fails_naming_the_image_rows(llava_dir, 
         assert f"row {i} " not in failed and out[1 + i].endswith("ok")
 
 
-def test_phi3_v_passes_and_its_corrupted_conversion_fails(phi3_v_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("fixture", "model_type", "projector"),
+    [
+        ("phi3_v_dir", "phi3_v", "model.vision_embed_tokens.img_projection.2.weight"),
+        ("onevision_dir", "llava_onevision", "multi_modal_projector.linear_2.weight"),
+    ],
+)
+def test_passes_and_its_corrupted_conversion_fails(fixture, model_type, projector, request, tmp_path):
+    hf_dir = request.getfixturevalue(fixture)
     # One device: the default mesh would replicate the model over conftest's 8 fake CPU devices.
     one = make_mesh(devices=jax.devices()[:1])
-    report = verify(phi3_v_dir, mesh=one)
-    assert (report.model_type, report.dtype) == ("phi3_v", "float32")
+    report = verify(hf_dir, mesh=one)
+    assert (report.model_type, report.dtype) == (model_type, "float32")
     assert report.passed, report.lines()
     assert min(r.cosine for r in report.rows) >= 1 - TOLERANCE["float32"]
 
-    ckpt = _corrupted_checkpoint(phi3_v_dir, "model.vision_embed_tokens.img_projection.2.weight", tmp_path)
-    bad = verify(phi3_v_dir, ckpt, mesh=one)
+    bad = verify(hf_dir, _corrupted_checkpoint(hf_dir, projector, tmp_path), mesh=one)
     assert [r.index for r in bad.rows if not r.passed] == IMAGE_ROWS
     assert bad.lines()[-1].startswith(
         f"FAIL: our embeddings differ from transformers' at row {IMAGE_ROWS[0]} ("
@@ -89,3 +103,8 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
     assert main(["verify", "--hf-dir", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --hf-dir {tmp_path / 'nothing'} is not an HF model directory (no config.json)"]
+
+    (tmp_path / "config.json").write_text('{"model_type": "llava_next", "torch_dtype": "float64"}')
+    assert main(["verify", "--hf-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: verify compares in float32, float16, bfloat16, not 'float64'; pass --dtype"]

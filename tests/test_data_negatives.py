@@ -20,7 +20,7 @@ from PIL import Image
 
 from unime_jax.cli_errors import UsageError
 from unime_jax.config import from_dict
-from unime_jax.data.data_negatives import MISSING, DataNegatives
+from unime_jax.data.data_negatives import MISSING, DataNegatives, check_data_negatives
 from unime_jax.data.errors import DataError
 from unime_jax.data.mmeb import MmebSource, TextImage
 from unime_jax.runs.schema import Config
@@ -230,10 +230,14 @@ def test_data_modes_need_data_with_negative_columns(world, tmp_path) -> None:
     _write(bad, "Bad", {"qry": ["q"], "qry_image_path": [""], "pos_text": ["t"], "pos_image_path": [""], "neg_text": [3]},
            {"neg_text": pa.int64()})  # fmt: skip
     source = MmebSource(bad)
-    with pytest.raises(
-        DataError, match=r"Bad/original-00000-of-00001\.parquet: column 'neg_text' holds int64"
-    ):
+    wrong_type = r"Bad/original-00000-of-00001\.parquet: column 'neg_text' holds int64"
+    with pytest.raises(DataError, match=wrong_type):
         DataNegatives(1)(source[0])
+    with pytest.raises(DataError, match=wrong_type):
+        check_data_negatives(source)  # the run's preflight: before training, not in a loader worker
+    (bad / "Bad" / "original-00000-of-00001.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(DataError, match=r"cannot read MMEB parquet file .*Bad/original-00000-of-00001\.parquet"):
+        check_data_negatives(source)
     with pytest.raises(ValueError, match="in_batch takes none, and neither do data and in_batch_data"):
         from_dict(Config, {"stage2": {"negatives": {"mode": "data", "dir": "x"}}})
 

@@ -244,13 +244,15 @@ def test_host_memory_is_accounted_and_an_excess_is_refused(clean, tokenizer) -> 
     from unime_jax.data.host_memory import check_host_memory
 
     pipe = pipeline(clean, tokenizer, num_workers=3, worker_buffer_size=2, prefetch_batches=1)
-    first = pipe.batch_at(0)
-    batch_bytes = sum(v.nbytes for v in first.values())
+    uncut = sum(v.nbytes for v in pipe.batch_at(0).values())
+    cut = pipeline(clean, tokenizer, bucket_lengths=tuple(range(4, 33, 4))).batch_at(0)
+    assert sum(v.nbytes for v in cut.values()) < uncut  # buckets cut; the account takes the uncut size
     in_flight = 3 * (2 + 1 + 1) + 2  # workers x (buffered + prefetched + building) + the loop's two
-    need = in_flight * batch_bytes
-    line = check_host_memory(pipe.loader, first, available=need)
+    need = in_flight * uncut
+    line = check_host_memory(pipe.loader, uncut, available=need)
     assert f"{in_flight} in flight (3 workers x (2 buffered + 1 prefetched + 1 in progress)" in line
-    assert f"{need / 1e9:.1f} GB" in line
+    assert f"x {uncut / 1e9:.2f} GB per batch = {need / 1e9:.1f} GB" in line
     with pytest.raises(DataError, match=r"only 0\.0 GB are available; lower data\.loader\.num_workers"):
-        check_host_memory(pipe.loader, first, available=need - 1)
-    assert "GB available" in pipe.check_host_memory()  # this machine has room for a tiny batch
+        check_host_memory(pipe.loader, uncut, available=need - 1)
+    line = pipe.check_host_memory()  # this machine has room for a tiny batch
+    assert f"x {uncut / 1e9:.2f} GB per batch" in line and "GB available" in line

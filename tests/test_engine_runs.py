@@ -83,6 +83,35 @@ def test_two_processes_match_one_process(hf_dir, tmp_path):
     np.testing.assert_allclose(_losses(two, 3), _losses(one, 3), atol=1e-5, rtol=0)
 
 
+def _two_processes(hf_dir: Path, workdir: Path, *args: str) -> list[str]:
+    """Both processes' output, after each finished."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        _run("--hf-dir", str(hf_dir), "--workdir", str(workdir), "--devices", "4", *args,
+             "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        outputs.append(out)
+    return outputs
+
+
+def test_processes_agree_on_the_checkpoint_to_resume(hf_dir, tmp_path):
+    """Process 1 cannot read its part of the newest checkpoint; process 0 can: both resume from the
+    one before (one restoring a newer step would train out of step and hang), and it is set aside once."""
+    workdir = tmp_path / "two"
+    _two_processes(hf_dir, workdir, "--steps", "4", "--stop-after", "3")
+    part = workdir / "checkpoints" / "3" / "data" / "process_1-of-2.json"
+    part.write_text(part.read_text()[:10])
+    outputs = _two_processes(hf_dir, workdir, "--steps", "4")
+    assert [f"process {i} restored step 2" in out for i, out in enumerate(outputs)] == [True, True], outputs
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints.skipped").iterdir()) == ["3"]
+    assert len(_losses(workdir, 4)) == 2  # steps 3 and 4, trained again from step 2
+
+
 def test_packed_layout_on_two_processes_matches_the_padded_one_process_run(hf_dir, tmp_path):
     """Rows regrouped and dealt over the shards of two processes: the same losses as padded rows."""
     one = tmp_path / "one"

@@ -211,6 +211,15 @@ def test_final_hidden_states_match_transformers(onevision):
     assert forward._cache_size() == 1
 
 
+def test_llava_next_width_grids_are_refused_in_one_line(onevision):
+    _, ref, loaded = onevision
+    inputs, _ = _batch(ref, [("<image>", SQUARE)])
+    inputs["image_grids"] = inputs["image_grids"][:, :2]  # LLaVA-NeXT's (tile rows, tile cols) only
+    message = r"image_grids must be \(B, 4\), \(tile rows, tile cols, feature rows, feature cols\) per image; got shape \(1, 2\)"
+    with pytest.raises(ValueError, match=message):
+        loaded.model(**inputs)
+
+
 def test_text_only_batch_is_the_language_model(onevision):
     _, ref, loaded = onevision
     inputs, expected = _batch(ref, [("A red circle above a blue square.", None), ("Rain.", None)])

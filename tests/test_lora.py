@@ -23,7 +23,7 @@ from unime_jax.conversion.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_pe
 from unime_jax.models import lora
 from unime_jax.models.lora import LoRAConfig
 from unime_jax.runs.schema import Config
-from unime_jax.runs.stages import Backbone, lora_config
+from unime_jax.runs.stages import lora_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,8 +83,7 @@ def _recipe(stage: int, loaded) -> LoRAConfig:
     section = getattr(
         load_config(REPO / "configs" / f"stage{stage}_common.yaml", (), Config), f"stage{stage}"
     )
-    backbone = Backbone(loaded.model, loaded.spec, loaded.config, tokenizer=None, hf_config=None)
-    return lora_config(f"stage{stage}", section, backbone)
+    return lora_config(f"stage{stage}", section, loaded.spec, loaded.config)
 
 
 def _lora_model(hf_dirs, family: str, *, dropout: float = 0.0, **runtime) -> tuple:

@@ -12,6 +12,7 @@ import torch
 import transformers
 from flax import nnx
 from helpers import hf_models
+from helpers.onevision import write_tiny_onevision
 from helpers.phi3_v_reference import RefModel, reference_clip, reference_config  # noqa: F401
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -21,7 +22,7 @@ from unime_jax.backbones.lora_presets import VLM2VEC_MODULES
 from unime_jax.conversion.mapping import hf_key
 from unime_jax.model_io import abstract_model
 from unime_jax.models import lora
-from unime_jax.runs.stages import Backbone, lora_config
+from unime_jax.runs.stages import lora_config
 from unime_jax.training.sections import LoraSection, StageSection
 
 
@@ -33,6 +34,8 @@ def _torch_model(model_type: str, root: Path) -> torch.nn.Module:
     if model_type == "llava_next":
         hf_models.llava_next(path, image_size=28, pinpoints=[[28, 56]], image_token_index=hf_models.VOCAB - 1)
         return transformers.LlavaNextForConditionalGeneration.from_pretrained(path)
+    if model_type == "llava_onevision":
+        return transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(write_tiny_onevision(path))
     return hf_models.load_torch(getattr(hf_models, model_type)(path))
 
 
@@ -50,7 +53,9 @@ def _ours(model_type: str, torch_model: torch.nn.Module) -> tuple:
     return spec, cfg, abstract_model(spec, cfg)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "phi3", "llava_next", "phi3_v"])
+@pytest.mark.parametrize(
+    "model_type", ["llama", "mistral", "phi3", "llava_next", "phi3_v", "llava_onevision"]
+)
 def test_vlm2vec_preset_reaches_what_peft_reaches(model_type, reference_clip, tmp_path):  # noqa: F811
     torch_model = _torch_model(model_type, tmp_path)
     spec, cfg, model = _ours(model_type, torch_model)
@@ -86,6 +91,10 @@ def test_documented_reach_per_backbone(reference_clip, tmp_path):  # noqa: F811
         _reached("phi3_v", "vlm2vec", tmp_path)
         == {"lm:qkv_proj", "lm:o_proj", "lm:gate_up_proj", "lm:down_proj"} | tower
     )
+    assert (
+        _reached("llava_onevision", "vlm2vec", tmp_path)
+        == {"lm:q_proj", "lm:k_proj", "lm:v_proj", "lm:o_proj", "lm:down_proj"} | tower
+    )
     # UniME's own default: every LM projection (Mistral's gate/up too), no tower.
     llava = {f"lm:{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     assert _reached("llava_next", "unime", tmp_path / "again") == llava
@@ -97,18 +106,17 @@ def _section(**lora_settings) -> StageSection:
 
 def test_run_config_selects_the_preset_and_variant(tmp_path):
     torch_model = _torch_model("llava_next", tmp_path)
-    spec, cfg, model = _ours("llava_next", torch_model)
-    backbone = Backbone(model, spec, cfg, tokenizer=None, hf_config=None)
-    vlm2vec = lora_config("stage2", _section(preset="vlm2vec", variant="dora", init="gaussian"), backbone)
+    spec, cfg, _ = _ours("llava_next", torch_model)
+    vlm2vec = lora_config("stage2", _section(preset="vlm2vec", variant="dora", init="gaussian"), spec, cfg)
     assert (vlm2vec.variant, vlm2vec.init) == ("dora", "gaussian")
     assert re.fullmatch(vlm2vec.targets, "vision_tower.vision_model.encoder.layers.0.self_attn.out_proj")
     assert not re.fullmatch(vlm2vec.targets, "language_model.model.layers.0.mlp.gate_proj")
-    unime = lora_config("stage2", _section(), backbone)
+    unime = lora_config("stage2", _section(), spec, cfg)
     assert (unime.variant, unime.init) == ("lora", "default")
     assert unime.targets == spec.lora_targets(cfg)
     with pytest.raises(
         ValueError, match=r"stage2\.lora\.targets is set, and so are lora\.preset or lora\.vision"
     ):
-        lora_config("stage2", _section(preset="vlm2vec", targets="x"), backbone)
+        lora_config("stage2", _section(preset="vlm2vec", targets="x"), spec, cfg)
     with pytest.raises(ValueError, match="vlm2vec LoRA preset already adapts the vision tower"):
-        lora_config("stage2", _section(preset="vlm2vec", vision=True), backbone)
+        lora_config("stage2", _section(preset="vlm2vec", vision=True), spec, cfg)

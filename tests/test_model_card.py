@@ -84,3 +84,20 @@ def test_source_license_comes_from_the_sources_readme(tmp_path) -> None:
     }
     (tmp_path / "README.md").write_text("# no metadata\n")
     assert source_license(str(tmp_path)) == {} == source_license(None)
+
+
+def test_base_model_is_a_hub_id_and_the_license_note_says_where_it_looked(tmp_path, monkeypatch) -> None:
+    from unime_jax.runs.model_card import _hub_id, _license_note
+
+    assert _hub_id("llava-hf/llava-v1.6-mistral-7b-hf") == "llava-hf/llava-v1.6-mistral-7b-hf"
+    (tmp_path / "models" / "converted").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _hub_id("models/converted") is None  # a local directory that reads like owner/name
+    assert _hub_id(str(tmp_path / "models" / "converted")) is None and _hub_id(None) is None
+    converted = str(tmp_path / "models" / "converted")  # converted checkpoints carry no README.md
+    assert _license_note(converted, converted) == (
+        f"The source model's license applies; none was found in `{tmp_path / 'models' / 'converted' / 'README.md'}`."
+    )
+    (tmp_path / "models" / "converted" / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    assert _license_note(converted, None) == "The source model's license applies (apache-2.0)."
+    assert _license_note(None, None) == ""

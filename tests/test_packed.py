@@ -177,6 +177,11 @@ def test_packed_layout_refuses_a_trained_vision_tower(mesh):
         )
         with pytest.raises(ValueError, match=r"LoRA targets adapt it; set stage2.layout.mode: padded"):
             _check_packable("stage2", packed, model, spec, adapted)
+    # Custom targets reaching past the presets: the tower's MLP is under the tower as well.
+    tower_mlp = lora.LoRAConfig(4, 8.0, 0.0, r"vision_tower\..*\.mlp\.fc1")
+    adapted = lora.apply_lora(init_model(spec, cfg, mesh), tower_mlp, nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"LoRA targets adapt it"):
+        _check_packable("stage2", packed, model, spec, adapted)
 
 
 def test_short_rows_fill_the_slots_longer_chunks_would_run_empty():

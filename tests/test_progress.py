@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from unime_jax.progress import progress
+from unime_jax.progress import progress_bar
 
 
 def test_a_log_gets_whole_lines_and_no_carriage_returns():
     log = io.StringIO()
-    with progress(total=10_000, desc="embed", unit="row", file=log) as bar:
+    with progress_bar(total=10_000, desc="embed", unit="row", file=log) as bar:
         for _ in range(10_000):
             bar.update(1)
     lines = log.getvalue().splitlines()
@@ -24,7 +24,7 @@ def test_a_log_gets_whole_lines_and_no_carriage_returns():
 
 def test_each_refresh_in_a_log_is_a_line():
     log = io.StringIO()
-    for _ in progress(range(3), desc="steps", file=log, mininterval=0, maxinterval=0):
+    for _ in progress_bar(range(3), desc="steps", file=log, mininterval=0, maxinterval=0):
         pass
     shown = [line.split("|")[0].strip() for line in log.getvalue().splitlines()]
     assert shown[:4] == ["steps:   0%", "steps:  33%", "steps:  67%", "steps: 100%"]
@@ -34,7 +34,7 @@ def test_each_refresh_in_a_log_is_a_line():
 def test_a_terminal_keeps_the_live_bar():
     parent, child = os.openpty()
     with os.fdopen(child, "w") as terminal:
-        bar = progress(total=2, file=terminal)
+        bar = progress_bar(total=2, file=terminal)
         bar.update(2)
         bar.close()
     output = os.read(parent, 4096).decode()

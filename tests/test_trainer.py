@@ -56,6 +56,38 @@ def test_gradcache_gradients_equal_direct_backprop(mistral_dir, mesh):
         np.testing.assert_allclose(np.asarray(g), np.asarray(d), atol=1e-5, rtol=1e-4)
 
 
+def test_gradcache_replays_the_dropout_masks_on_a_sharded_mesh(mistral_dir, mesh):
+    """LoRA dropout (rbg masks) on 8 devices: the cache pass and the recompute draw the same masks,
+    so GradCache's gradients equal plain backprop's, and another step key gives other gradients."""
+    from flax import nnx
+
+    from unime_jax.backbones import spec_for
+    from unime_jax.models import lora
+
+    loaded = load_hf_model(mistral_dir, mesh, progress=False)
+    targets = spec_for(loaded.spec.model_type).lora_targets(loaded.config)
+    lora.apply_lora(loaded.model, lora.LoRAConfig(4, 8.0, 0.5, targets), nnx.Rngs(0))
+    for path, value in nnx.iter_graph(loaded.model):  # non-zero B, so that the masks matter
+        if len(path) > 1 and path[-2] == "lora_B" and isinstance(value, nnx.Variable):
+            value[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(len(path)), value.shape)
+    trainer = Trainer(loaded.model, Stage2Task(Stage2Config(k=4)), StageSection(), total_steps=1, mesh=mesh)
+    batch = global_batch(stage2_batch(16, 0), mesh)
+    groups = trainer.task.groups(batch)
+    loss_fn = lambda emb: trainer.task.loss(emb, batch)  # noqa: E731
+    embed = trainer.embed_fn(trainer.frozen)
+
+    def grads(fn, key: int) -> list[np.ndarray]:
+        step = jax.jit(lambda p: fn(embed, loss_fn, p, groups, jax.random.PRNGKey(key), 4)[1])
+        with jax.set_mesh(mesh):
+            return [np.asarray(g) for g in jax.tree.leaves(step(trainer.params))]
+
+    cached, direct = grads(gradcache_value_and_grad, 3), grads(direct_value_and_grad, 3)
+    for g, d in zip(cached, direct, strict=True):
+        np.testing.assert_allclose(g, d, atol=1e-5, rtol=1e-4)
+    other = grads(gradcache_value_and_grad, 4)
+    assert max(float(np.abs(g - o).max()) for g, o in zip(cached, other, strict=True)) > 1e-4
+
+
 def test_gradcache_needs_less_peak_memory(mistral_dir, mesh):
     """Batch 256 in 8 chunks: the compiled GradCache step needs less temporary memory than direct."""
     single = make_mesh(devices=jax.devices()[:1])

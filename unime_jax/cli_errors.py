@@ -4,9 +4,10 @@ Every CLI (train, encode, eval, mine, teacher, convert) runs its body through :f
 
 - an error the project raises on purpose prints ``error: <message>``, whose text names the file,
   key or row and what to do. Such errors are the ones whose class has an ``exit_code`` (the
-  project's own: ConfigError, DataError, CheckpointMismatchError, TrainingDivergedError...),
-  ValueError and OSError (bad values, missing files, a full or read-only disk), and the CLI's
-  ``expected`` types;
+  project's own: ConfigError, DataError, CheckpointMismatchError, TrainingDivergedError...) and
+  the CLI's ``expected`` types. A ValueError or OSError (bad values, missing files, a full or
+  read-only disk) prints its message too, but may come from a library as well as from the
+  project, so outside ``--debug`` it adds how to see the traceback;
 - the exit status is the error's ``exit_code`` when it has one, else 1: 2 is a usage or config
   error (:class:`UsageError`, ``ConfigError``, or anything raised inside :func:`usage_errors`,
   i.e. found before the work started), 1 a failure while running;
@@ -98,11 +99,14 @@ def run(
     except Exception as e:
         if show_traceback:
             traceback.print_exc()
-        if hasattr(e, "exit_code") or isinstance(e, (ValueError, OSError, *expected)):
+        hint = "" if show_traceback else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+        if hasattr(e, "exit_code") or isinstance(e, expected):
             print(f"error: {_text(e)}", file=sys.stderr)
             return exit_code(e)
+        if isinstance(e, (ValueError, OSError)):
+            print(f"error: {_text(e)}{hint}", file=sys.stderr)
+            return FAILURE
         # A bug: still one line, and the way to the traceback.
-        hint = "" if show_traceback else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
         print(f"error: unexpected {type(e).__name__}: {_text(e)}{hint}", file=sys.stderr)
         return FAILURE
 

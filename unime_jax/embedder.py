@@ -47,6 +47,7 @@ from unime_jax.model_io import MODEL_FILE, load_model
 from unime_jax.models.pooling import embed
 from unime_jax.processing.featurizer import Arrays, BackboneFeaturizer
 from unime_jax.processing.images import DECODE_ERRORS, ImageInput, resize_square
+from unime_jax.progress import progress_bar
 from unime_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
 __all__ = [
@@ -431,7 +432,7 @@ class UniME:
         """
         rows = _rows(texts, images)
         show = len(rows) > batch_size if progress is None else progress
-        with progress(total=len(rows), desc="encode", unit="input", disable=not show) as bar:
+        with progress_bar(total=len(rows), desc="encode", unit="input", disable=not show) as bar:
             (encoded,) = self.encode_stream(
                 [rows], instruction, raw=raw, batch_size=batch_size, workers=workers, on_rows=bar.update
             )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from unime_jax.cli_args import model_cli_parser
 from unime_jax.cli_errors import run
 from unime_jax.encode_io import Columns, InputProblem, Output, Row, Table, chunked, open_table
-from unime_jax.progress import progress
+from unime_jax.progress import progress_bar
 
 if TYPE_CHECKING:
     from unime_jax.embedder import UniME
@@ -202,7 +202,7 @@ def _encode(args: argparse.Namespace, table: Table, output: Output) -> int:
             yield [BadInput(row.error) if row.error else (row.text, row.image) for row in chunk]
 
     truncated = 0
-    with progress(
+    with progress_bar(
         total=output.rows, initial=output.done, desc="encode", unit="row", disable=args.no_progress
     ) as bar:
         stream = model.encode_stream(

@@ -31,6 +31,7 @@ from unime_jax.data.examples import Side, mmeb_pair, mmeb_where
 from unime_jax.data.negatives import MANIFEST_FILE, UNMINED, MinedManifest, table_sha256, write_mined
 from unime_jax.data.pipeline import mmeb_source
 from unime_jax.embedder import InputError, UniME
+from unime_jax.progress import progress_bar
 from unime_jax.runs.schema import Config
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def embed_records(
     targets = np.zeros_like(queries)
     bad: list[BadRecord] = []
     chunk = _CHUNK_BATCHES * batch_size
-    with progress(total=len(source), desc="embed", unit="record", disable=not progress) as bar:
+    with progress_bar(total=len(source), desc="embed", unit="record", disable=not progress) as bar:
         for start in range(0, len(source), chunk):
             indices, pairs = [], []
             for i in range(start, min(start + chunk, len(source))):
@@ -273,7 +274,7 @@ def mine(
     negatives = np.full((records, k), UNMINED, np.int32)
     scores = np.full((records, k), np.nan, np.float32)
     n_valid, n_candidates, n_dropped = (np.zeros(records, np.int64) for _ in range(3))
-    with progress(total=records, desc="rank", unit="record", disable=not progress) as bar:
+    with progress_bar(total=records, desc="rank", unit="record", disable=not progress) as bar:
         for start, stop in pools:
             ids, usable = target_ids[start:stop], good[start:stop]
             pool = [jax.device_put(x) for x in (embeddings.targets[start:stop], ids, _distinct(ids, usable))]

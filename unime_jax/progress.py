@@ -2,7 +2,7 @@
 
 tqdm redraws its bar with carriage returns up to ten times a second. On a terminal that is one
 live line; in a log file (a job's stderr, CI, ``2> run.log``) it is megabytes of redraws. Where
-the stream is not a terminal, :func:`progress` prints a whole line at most every
+the stream is not a terminal, :func:`progress_bar` prints a whole line at most every
 :data:`LOG_INTERVAL_S` seconds (and at the start and the end) instead.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm as plain_tqdm
 from tqdm.auto import tqdm as auto_tqdm
 
-__all__ = ["LOG_INTERVAL_S", "progress"]
+__all__ = ["LOG_INTERVAL_S", "progress_bar"]
 
 LOG_INTERVAL_S = 30.0
 
@@ -38,7 +38,7 @@ class _LogLines(plain_tqdm):
         return print_line
 
 
-def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> plain_tqdm:
+def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> plain_tqdm:
     """A tqdm bar (same arguments) that prints whole lines every 30 s where ``file`` (default
     stderr) is not a terminal, and a live bar (or a notebook widget) where it is."""
     stream = kwargs.get("file") or sys.stderr

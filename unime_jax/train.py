@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(unusable ones are named and moved to <stage>/checkpoints.skipped/). A rerun that changes what\n"
         "a stage trained with is refused, naming each key (--allow-change KEY forces one).\n\n"
         "exit status: 0 done; 1 a failure while training (NaN/inf streak, too many bad samples, disk);\n"
-        "2 a config or data error, found before any model loads; 130 interrupted (resumable).\n\n"
+        "2 a config or data error, found before any model loads, or a checkpoint written for another\n"
+        "model or config; 130 interrupted (resumable).\n\n"
         "config sections and fields:\n" + describe(Config),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

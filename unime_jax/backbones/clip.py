@@ -11,10 +11,10 @@ from dataclasses import fields
 from unime_jax.backbones.spec import BackboneSpec
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 
-__all__ = ["CLIP_FIELDS", "SPEC", "attention_targets", "clip_from_hf", "clip_to_hf"]
+__all__ = ["CLIP_FIELDS", "SPEC", "attention_targets", "clip_from_hf", "clip_to_hf", "tower_to_hf"]
 
 # config.json's fields: not the run-time choices, nor the normalisation statistics, which HF keeps in
-# preprocessor_config.json.
+# preprocessor_config.json. SigLIP's config has the same fields.
 _NOT_IN_CONFIG_JSON = ("dtype", "param_dtype", "attention", "image_mean", "image_std")
 CLIP_FIELDS = [f.name for f in fields(CLIPVisionConfig) if f.name not in _NOT_IN_CONFIG_JSON]
 
@@ -24,10 +24,15 @@ def clip_from_hf(hf: dict) -> CLIPVisionConfig:
     return CLIPVisionConfig(**{name: hf.get(name, getattr(defaults, name)) for name in CLIP_FIELDS})
 
 
-def clip_to_hf(cfg: CLIPVisionConfig) -> dict:
+def tower_to_hf(cfg: CLIPVisionConfig, model_type: str, architecture: str, **extra: object) -> dict:
+    """config.json of a tower whose config has CLIP's fields (CLIP's, SigLIP's), plus ``extra``."""
     hf = {name: getattr(cfg, name) for name in CLIP_FIELDS}
-    hf.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"], torch_dtype=cfg.param_dtype)
+    hf.update(model_type=model_type, architectures=[architecture], torch_dtype=cfg.param_dtype, **extra)
     return hf
+
+
+def clip_to_hf(cfg: CLIPVisionConfig) -> dict:
+    return tower_to_hf(cfg, "clip_vision_model", "CLIPVisionModel")
 
 
 def attention_targets(tower: str) -> str:

@@ -8,17 +8,20 @@ PEFT's would on the same tree (our module paths mirror HF's).
 VLM2Vec's list (``TIGER-AI-Lab/VLM2Vec@v1 src/model.py``, kept by the UniME authors' later code)
 names both Phi-3's fused projections and Llama/Mistral's separate ones, and so reaches, per backbone:
 
-===============  ==============================================  =====================================
-backbone         language model (every layer)                    vision tower (CLIP, every layer)
-===============  ==============================================  =====================================
-``phi3_v``       ``qkv_proj``, ``o_proj``, ``gate_up_proj``,      ``self_attn.{q,k,v,out}_proj``
-                 ``down_proj`` (all of its projections)
-``llava_next``   ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,  ``self_attn.{q,k,v,out}_proj``
-                 ``down_proj``; not ``gate_proj``/``up_proj``
-``phi3``         as ``phi3_v``                                   (none)
-``llama``,       as ``llava_next``                               (none)
-``mistral``
-===============  ==============================================  =====================================
+===================  ==============================================  ==============================
+backbone             language model (every layer)                    vision tower (every layer)
+===================  ==============================================  ==============================
+``phi3_v``           ``qkv_proj``, ``o_proj``, ``gate_up_proj``,      CLIP's
+                     ``down_proj`` (all of its projections)          ``self_attn.{q,k,v,out}_proj``
+``llava_next``       ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,  CLIP's
+                     ``down_proj``; not ``gate_proj``/``up_proj``    ``self_attn.{q,k,v,out}_proj``
+``llava_onevision``  as ``llava_next`` (a Qwen2 LM)                  SigLIP's
+                                                                     ``self_attn.{q,k,v,out}_proj``
+``phi3``             as ``phi3_v``                                   (none)
+``llama``,           as ``llava_next``                               (none)
+``mistral``,
+``qwen2``
+===================  ==============================================  ==============================
 
 Neither list reaches the towers' MLPs (``fc1``/``fc2``), the projectors or ``lm_head``.
 """

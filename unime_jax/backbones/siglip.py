@@ -6,18 +6,12 @@ reuses its config mapping. Its encoder layers are CLIP's, so CLIP's attention na
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from unime_jax.backbones.clip import attention_targets
+from unime_jax.backbones.clip import CLIP_FIELDS, attention_targets, tower_to_hf
 from unime_jax.backbones.spec import BackboneSpec, UnsupportedModelError
 from unime_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
 
-__all__ = ["SIGLIP_FIELDS", "SPEC", "siglip_from_hf", "siglip_to_hf"]
+__all__ = ["SPEC", "siglip_from_hf", "siglip_to_hf"]
 
-# config.json's fields: not the run-time choices, nor the normalisation statistics, which HF keeps in
-# preprocessor_config.json.
-_NOT_IN_CONFIG_JSON = ("dtype", "param_dtype", "attention", "image_mean", "image_std")
-SIGLIP_FIELDS = [f.name for f in fields(SiglipVisionConfig) if f.name not in _NOT_IN_CONFIG_JSON]
 _HF_DEFAULTS = {  # transformers' SiglipVisionConfig defaults, for config.json files that omit a field
     "hidden_size": 768,
     "intermediate_size": 3072,
@@ -39,18 +33,12 @@ def siglip_from_hf(hf: dict, **stats: tuple[float, float, float]) -> SiglipVisio
             "siglip_vision_model with the pooling head (vision_use_head true or absent) is not supported; "
             "LLaVA-OneVision's towers set vision_use_head: false"
         )
-    return SiglipVisionConfig(**{name: hf.get(name, _HF_DEFAULTS[name]) for name in SIGLIP_FIELDS}, **stats)
+    # SigLIP's config.json fields are CLIP's (its config class adds only defaults).
+    return SiglipVisionConfig(**{name: hf.get(name, _HF_DEFAULTS[name]) for name in CLIP_FIELDS}, **stats)
 
 
 def siglip_to_hf(cfg: SiglipVisionConfig) -> dict:
-    hf = {name: getattr(cfg, name) for name in SIGLIP_FIELDS}
-    hf.update(
-        model_type="siglip_vision_model",
-        architectures=["SiglipVisionModel"],
-        vision_use_head=False,
-        torch_dtype=cfg.param_dtype,
-    )
-    return hf
+    return tower_to_hf(cfg, "siglip_vision_model", "SiglipVisionModel", vision_use_head=False)
 
 
 SPEC = BackboneSpec(

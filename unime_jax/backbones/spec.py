@@ -53,6 +53,8 @@ class BackboneSpec:
       prepare_tokenizer: fix-ups a loaded tokenizer needs (e.g. adding LLaVA's ``<image>``).
       lm_targets: regex of the decoder's attention and MLP projections, for a config (LoRA).
       vision_targets: regex of the vision tower's attention projections (LoRA on the tower).
+      vision_tower: dotted module path of the vision tower (what ``tile_features`` runs): the
+        packed training layout runs it without gradients, so nothing under it may be trained.
       mmeb_max_len: the text budget of the official MMEB evaluation command for this backbone.
       reference: loads the PyTorch model of an HF directory (our config, a dtype name) as a function
         of our featurized inputs (``torch_reference.ReferenceFn``): ``convert verify``'s comparison.
@@ -71,15 +73,17 @@ class BackboneSpec:
     prepare_tokenizer: Callable[[Any], Any] = _as_is
     lm_targets: Callable[[Any], str] | None = None
     vision_targets: str | None = None
+    vision_tower: str | None = None
     mmeb_max_len: int = 512
     reference: Callable[[Path, Any, str], ReferenceFn] | None = None
 
     def lora_targets(self, cfg: Any, *, vision: bool = False, preset: str = "unime") -> str:
         """The regex of the modules to adapt.
 
-        ``preset`` "unime": the decoder's projections (and, with ``vision``, the tower's attention);
-        "vlm2vec": VLM2Vec's PEFT name list, which reaches the tower's attention by itself
-        (``lora_presets`` tabulates what it reaches on each backbone).
+        ``preset`` "unime": the decoder's projections (and, with ``vision``, the vision tower's
+        attention: CLIP's, or SigLIP's in LLaVA-OneVision); "vlm2vec": VLM2Vec's PEFT name list,
+        which reaches the tower's attention by itself and, in a Llama/Mistral/Qwen2 decoder, not
+        gate_proj/up_proj (``lora_presets`` tabulates what it reaches on each backbone).
         """
         if preset not in PRESETS:
             raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(PRESETS)}")

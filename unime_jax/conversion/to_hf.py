@@ -9,12 +9,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unime_jax.atomic import atomic_directory
+from unime_jax.atomic import atomic_directory, require_new_directory
 from unime_jax.backbones import BackboneSpec
 from unime_jax.conversion.mapping import hf_key, to_hf_array
 from unime_jax.conversion.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
 from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
-from unime_jax.progress import progress as progress_bar
+from unime_jax.progress import progress_bar
 
 
 def hf_config_for(spec: BackboneSpec, cfg, stored: dict | None) -> dict:
@@ -34,16 +34,17 @@ def export_hf(
     out: Path,
     *,
     stored_hf_config: dict | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_bytes: int = 5 * 10**9,
     progress: bool = True,
 ) -> list[str]:
-    """Write `model` as an HF directory; returns the safetensors file names written."""
+    """Write `model` as an HF directory, in safetensors files of at most `max_shard_bytes` (a larger
+    tensor gets its own); returns the file names written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layout = spec.key_layouts[0]
     params = {name: var.get_value() for name, var in variables(nnx.state(model))}
     keys = {name: hf_key(name, layout) for name in params}
-    shards = plan_shards(((name, params[name].nbytes) for name in params), parse_size(max_shard_size))
+    shards = plan_shards(((name, params[name].nbytes) for name in params), max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     bar = progress_bar(total=len(params), desc="to-hf", unit="tensor", disable=not progress)
@@ -66,9 +67,8 @@ def export_checkpoint(
     """`to-hf`: our checkpoint directory -> HF directory (tokenizer files copied along), written
     under a temporary name and renamed into place: a killed or failed export leaves no ``out``."""
     ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it first")
-    max_shard_bytes = parse_size(max_shard_size)  # a typo fails before the model loads
+    require_new_directory(out)  # before the model loads, as a --max-shard-size typo does
+    max_shard_bytes = parse_size(max_shard_size)
     loaded = load_model(ckpt)
     stored_path = ckpt / HF_CONFIG_FILE
     stored = json.loads(stored_path.read_text()) if stored_path.is_file() else None
@@ -79,7 +79,7 @@ def export_checkpoint(
             loaded.config,
             partial,
             stored_hf_config=stored,
-            max_shard_size=str(max_shard_bytes),
+            max_shard_bytes=max_shard_bytes,
             progress=progress,
         )
         copy_aux_files(ckpt, partial)

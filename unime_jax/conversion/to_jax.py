@@ -11,11 +11,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from unime_jax.atomic import require_new_directory
 from unime_jax.backbones import spec_for, with_runtime
 from unime_jax.conversion.mapping import from_hf_array, plan
 from unime_jax.conversion.safetensors_io import SafetensorsDir, TensorSource
 from unime_jax.model_io import LoadedModel, abstract_model, save_model, variables
-from unime_jax.progress import progress as progress_bar
+from unime_jax.progress import progress_bar
 from unime_jax.sharding import make_mesh, state_shardings
 
 
@@ -107,8 +108,7 @@ def convert_hf_dir(
 ) -> LoadedModel:
     """`to-jax`: HF directory -> our checkpoint directory (orbax params, configs, tokenizer files)."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output directory {out} is not empty; choose a new --out or delete it first")
+    require_new_directory(out)  # before the model loads
     loaded = load_hf_model(hf_dir, param_dtype=param_dtype, progress=progress)
     save_model(
         out,

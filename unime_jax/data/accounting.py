@@ -112,19 +112,19 @@ class DataIterator(grain.DatasetIterator):
             total.add(counts)
         return total
 
-    def _check(self) -> None:
+    def _check(self, final: bool = False) -> None:
+        """DataError when too large a fraction of the samples was bad; judged once ``min_samples``
+        were seen, or at the end (``final``) on however few."""
         total = self.total_counts()
-        if total.samples < self._policy.min_samples:
+        if not final and total.samples < self._policy.min_samples:
             return
         if total.num_skipped > self._policy.max_bad_fraction * total.samples:
             raise DataError(self._summary(total))
 
     def check_final(self) -> None:
-        """At the end of a run: the same limit, judged on every sample seen, however few (a run
-        shorter than ``min_samples`` would otherwise never be judged)."""
-        total = self.total_counts()
-        if total.num_skipped > self._policy.max_bad_fraction * total.samples:
-            raise DataError(self._summary(total))
+        """At the end of a run: the limit judged on every sample seen, however few (a run shorter
+        than ``min_samples`` would otherwise never be judged)."""
+        self._check(final=True)
 
     def summary(self) -> str:
         """One line for the end of a run: samples seen, skipped by reason, truncated."""

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -42,21 +43,38 @@ def _holds_strings(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
 
 
-@functools.lru_cache(maxsize=8)
-def _negative_columns(file: str) -> tuple[pa.ChunkedArray | None, pa.ChunkedArray | None]:
-    """The file's neg_text and neg_image_path columns (None where a column is absent)."""
+def _cannot_read(file: str | Path, error: Exception) -> DataError:
+    return DataError(f"cannot read MMEB parquet file {file}: {error}")
+
+
+def _negative_fields(file: str | Path) -> list[str]:
+    """The negative columns ``file`` has; DataError naming the file when its schema does not read
+    or a column holds something other than strings or lists of strings."""
     try:
         schema = pq.read_schema(file)
-        present = [column for column in NEG_COLUMNS if column in schema.names]
-        for column in present:
-            if not _holds_strings(schema.field(column).type):
-                raise DataError(
-                    f"{file}: column {column!r} holds {schema.field(column).type}, not strings or lists of "
-                    "strings (MMEB's negatives)"
-                )
+    except (OSError, pa.ArrowException) as e:
+        raise _cannot_read(file, e) from e
+    present = [column for column in NEG_COLUMNS if column in schema.names]
+    for column in present:
+        if not _holds_strings(schema.field(column).type):
+            raise DataError(
+                f"{file}: column {column!r} holds {schema.field(column).type}, not strings or lists of "
+                "strings (MMEB's negatives)"
+            )
+    return present
+
+
+# Unbounded, one entry per parquet file of the run: records come in shuffled order from some 20
+# MMEB-train subsets, and a bounded cache would read a file's negative columns again for nearly
+# every record. Each process (and loader worker) holds the negative columns once, text only.
+@functools.cache
+def _negative_columns(file: str) -> tuple[pa.ChunkedArray | None, pa.ChunkedArray | None]:
+    """The file's neg_text and neg_image_path columns (None where a column is absent)."""
+    present = _negative_fields(file)
+    try:
         table = pq.read_table(file, columns=present)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"cannot read MMEB parquet file {file}: {e}") from e
+        raise _cannot_read(file, e) from e
     return tuple(table.column(c) if c in present else None for c in NEG_COLUMNS)  # type: ignore[return-value]
 
 
@@ -89,12 +107,13 @@ class DataNegatives:
 
 def check_data_negatives(source: MmebSource, where: str = "stage2.negatives.mode") -> Sequence[str]:
     """The subsets whose files have a ``neg_text`` column; DataError when none has (the run would
-    train with no negative at all)."""
-    with_negatives = [
-        subset
+    train with no negative at all), or when a file's negative columns are not strings (found here,
+    before training, rather than in a loader worker mid-run)."""
+    fields = {
+        subset: [_negative_fields(f) for f in subset_files(source.root, subset, source.split)]
         for subset in source.subsets
-        if any("neg_text" in pq.read_schema(f).names for f in subset_files(source.root, subset, source.split))
-    ]
+    }
+    with_negatives = [subset for subset, files in fields.items() if any("neg_text" in f for f in files)]
     if not with_negatives:
         raise DataError(
             f"{where} asks for the data's negatives, but no {source.split}-*.parquet file of the subsets "

@@ -1,7 +1,7 @@
 """How much host memory a pipeline's buffered batches take, checked against what the machine has.
 
-Every batch a pipeline holds has the shapes of the first one, or smaller (the packed layout's
-buffers are sized for the worst case; length buckets only cut). The batches in flight at once:
+A batch holds at most batch_size examples at their fixed shapes (length buckets only cut them;
+the packed layout's buffers are sized for that worst case). The batches in flight at once:
 
 - with grain workers, each worker holds ``worker_buffer_size`` finished batches, the
   ``prefetch_batches`` its reader threads compute ahead, and the one it is building;
@@ -17,9 +17,6 @@ an out-of-memory kill hours later.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-
-import numpy as np
 
 from unime_jax.data.config import LoaderSection
 from unime_jax.data.errors import DataError
@@ -53,12 +50,9 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_host_memory(
-    loader: LoaderSection, batch: Mapping[str, np.ndarray], available: int | None = None
-) -> str:
-    """A one-line account of the pipeline's host memory; DataError if it exceeds ``available``
-    (default: what the machine has now)."""
-    batch_bytes = sum(np.asarray(v).nbytes for v in batch.values())
+def check_host_memory(loader: LoaderSection, batch_bytes: int, available: int | None = None) -> str:
+    """A one-line account of the pipeline's host memory for batches of ``batch_bytes``; DataError
+    if it exceeds ``available`` (default: what the machine has now)."""
     count = batches_in_flight(loader)
     need = count * batch_bytes
     available = available_bytes() if available is None else available

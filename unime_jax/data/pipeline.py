@@ -67,6 +67,7 @@ class DataPipeline(grain.IterDataset):
 
     def __init__(
         self,
+        slots: grain.MapDataset,
         batches: grain.MapDataset,
         parent: grain.IterDataset,
         loader: LoaderSection,
@@ -74,7 +75,8 @@ class DataPipeline(grain.IterDataset):
         policy: SkipPolicy,
     ) -> None:
         super().__init__(parent)
-        self._batches = batches  # the random-access batches under `parent`
+        self._slots = slots  # the random-access examples and batches under `parent`
+        self._batches = batches
         self.loader = loader
         self.batch_size = loader.batch_size
         self.batches_per_epoch = batches_per_epoch
@@ -90,9 +92,16 @@ class DataPipeline(grain.IterDataset):
         return batch
 
     def check_host_memory(self) -> str:
-        """Batch 0's bytes times the batches the loader keeps in flight, against the machine's free
-        memory: a one-line account, or DataError naming the loader settings to lower."""
-        return check_host_memory(self.loader, self.batch_at(0))
+        """A batch's bytes times the batches the loader keeps in flight, against the machine's free
+        memory: a one-line account, or DataError naming the loader settings to lower.
+
+        A batch is sized as batch_size examples at their fixed, uncut shapes (one example is
+        featurized): the most any batch holds, as length buckets only cut and the packed layout's
+        buffers hold the same worst case.
+        """
+        example = self._slots[0].example.arrays
+        batch_bytes = self.batch_size * sum(np.asarray(v).nbytes for v in example.values())
+        return check_host_memory(self.loader, batch_bytes)
 
     def __str__(self) -> str:
         return f"DataPipeline(batch_size={self.batch_size}, batches_per_epoch={self.batches_per_epoch})"
@@ -165,7 +174,7 @@ def build_pipeline(
             )
         )
     policy = SkipPolicy(loader.max_bad_fraction, loader.min_samples_before_stop)
-    return DataPipeline(batches, dataset, loader, per_process // loader.batch_size, policy)
+    return DataPipeline(slots, batches, dataset, loader, per_process // loader.batch_size, policy)
 
 
 def stage1_pipeline(

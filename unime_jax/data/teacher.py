@@ -153,27 +153,33 @@ def encode_rows(
 
 
 def run(args: argparse.Namespace) -> teacher_store.TeacherManifest:
-    """Compute (or continue) the store; returns the manifest as left on disk."""
-    from unime_jax.progress import progress
+    """Compute (or continue) the store; returns the manifest as left on disk.
 
-    table = read_nli_csv(args.data)
-    job = _job(args, table)
-    resuming = (Path(args.out) / teacher_store.MANIFEST_FILE).exists()
-    if resuming:
-        found = teacher_store.read_manifest(args.out)
-        # Refuse a different job before spending minutes loading the model; the dim is checked after.
-        teacher_store.check_job(args.out, found, job, skip=("dim",))
-        if found.complete:
-            print(f"{args.out} is already complete ({found.rows} rows); nothing to do.")
-            return found
+    A CSV or store that cannot be used is a UsageError (exit 2), found before any row is encoded;
+    a DataError while encoding is a failure of the run (exit 1).
+    """
+    from unime_jax.progress import progress_bar
+
+    with usage_errors(DataError):
+        table = read_nli_csv(args.data)
+        job = _job(args, table)
+        resuming = (Path(args.out) / teacher_store.MANIFEST_FILE).exists()
+        if resuming:
+            found = teacher_store.read_manifest(args.out)
+            # Refuse a different job before spending minutes loading the model; the dim is checked after.
+            teacher_store.check_job(args.out, found, job, skip=("dim",))
+            if found.complete:
+                print(f"{args.out} is already complete ({found.rows} rows); nothing to do.")
+                return found
     model = load_model(args)
     job = dataclasses.replace(job, dim=embedding_dim(model))
-    if resuming:
-        manifest, embeddings = teacher_store.resume_store(args.out, job)
-    else:
-        manifest, embeddings = job, teacher_store.create_store(args.out, job)
+    with usage_errors(DataError):
+        if resuming:
+            manifest, embeddings = teacher_store.resume_store(args.out, job)
+        else:
+            manifest, embeddings = job, teacher_store.create_store(args.out, job)
     stop = manifest.rows if args.limit is None else min(manifest.rows, manifest.rows_done + args.limit)
-    with progress(total=manifest.rows, initial=manifest.rows_done, unit="row", desc="teacher") as bar:
+    with progress_bar(total=manifest.rows, initial=manifest.rows_done, unit="row", desc="teacher") as bar:
         for start in range(manifest.rows_done, stop, args.chunk_rows):
             end = min(start + args.chunk_rows, stop)
             embeddings[start:end] = encode_rows(model, table.rows[start:end], args)
@@ -196,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    with usage_errors(DataError):  # data and store mismatches: found before any encoding
-        manifest = run(args)
+    manifest = run(args)
     state = (
         "complete" if manifest.complete else f"{manifest.rows_done}/{manifest.rows} rows, rerun to continue"
     )

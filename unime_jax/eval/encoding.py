@@ -21,6 +21,7 @@ import numpy as np
 
 from unime_jax.embedder import BadInput, ImageSource, Row, UniME
 from unime_jax.eval.store import EmbeddingStore
+from unime_jax.progress import progress_bar
 
 __all__ = ["Entry", "agree", "encode_entries"]
 
@@ -126,7 +127,7 @@ def encode_entries(
     mine = [chunk for chunk in range(store.num_chunks) if chunk % count == process]
     total = sum(stop - start for start, stop in map(store.bounds, mine))
     local: dict[int, tuple[np.ndarray, list[str]]] = {}
-    with progress(total=total, desc=desc, unit="item", disable=not progress or process != 0) as bar:
+    with progress_bar(total=total, desc=desc, unit="item", disable=not progress or process != 0) as bar:
         todo = []
         for chunk in mine:
             loaded = store.load(chunk)

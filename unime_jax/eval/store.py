@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from unime_jax.atomic import process_partial_path
+from unime_jax.atomic import write_text as atomic_write_text
 
 __all__ = ["EmbeddingStore", "StoreMismatch", "atomic_write_text", "first_difference"]
 
@@ -30,19 +32,6 @@ _MANIFEST = "manifest.json"
 
 class StoreMismatch(ValueError):
     """An existing store or run directory was written with other settings."""
-
-
-def _partial(path: Path) -> Path:
-    # Per process: several hosts may write the same (identical) file into a shared directory.
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial(path)
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str | None:
@@ -123,7 +112,7 @@ class EmbeddingStore:
         if embeddings.shape[0] != stop - start or len(errors) != stop - start:
             raise ValueError(f"chunk {chunk} holds items [{start}, {stop}), got {embeddings.shape[0]} rows")
         path = self._path(chunk)
-        partial = _partial(path)
+        partial = process_partial_path(path)
         with partial.open("wb") as handle:
             np.savez(handle, embeddings=embeddings.astype(np.float32), errors=np.asarray(errors, dtype=str))
         os.replace(partial, path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from unime_jax.data.errors import DataError
 from unime_jax.eval import paper
 from unime_jax.eval.mmeb_tasks import META_TASKS, MMEB_DATASETS
 from unime_jax.eval.runs import SCORE_SUFFIX
@@ -71,12 +72,12 @@ def read_scores(out: Path) -> dict[str, dict[str, Any]]:
         try:
             score = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read score file {path}: {e}") from e
+            raise DataError(f"cannot read score file {path}: {e}") from e
         if isinstance(score, dict) and "acc" in score:
             if score["acc"] is None:  # no row could be scored; listed, never averaged
                 continue
             if not isinstance(score["acc"], int | float) or not 0 <= score["acc"] <= 1:
-                raise ValueError(f"{path}: 'acc' must be a fraction in [0, 1], got {score['acc']!r}")
+                raise DataError(f"{path}: 'acc' must be a fraction in [0, 1], got {score['acc']!r}")
             scores[path.name[: -len(SCORE_SUFFIX)]] = score
     return scores
 

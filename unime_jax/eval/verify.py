@@ -24,6 +24,7 @@ from unime_jax.backbones import spec_for
 from unime_jax.cli_errors import usage_errors
 from unime_jax.embedder import UniME
 from unime_jax.model_io import MODEL_FILE
+from unime_jax.processing.prompts import IMAGE_TAG
 
 __all__ = ["ROWS", "TOLERANCE", "Report", "RowResult", "VerifyRow", "main", "verify"]
 
@@ -32,7 +33,7 @@ __all__ = ["ROWS", "TOLERANCE", "Report", "RowResult", "VerifyRow", "main", "ver
 # met at 0.98 (BENCHMARKS.md), and trained weights are better conditioned; a wrong tensor moves a
 # row far beyond these.
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}
-INSTRUCTION = "<|image_1|>\nRepresent the given image with the following question: {text}"
+INSTRUCTION = IMAGE_TAG + "\nRepresent the given image with the following question: {text}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ def _stored_dtype(path: Path) -> str | None:
     return config.get("torch_dtype") or config.get("dtype") or "float32"
 
 
+def _check_dtype(dtype: str) -> str:
+    if dtype not in TOLERANCE:
+        raise ValueError(f"verify compares in {', '.join(TOLERANCE)}, not {dtype!r}; pass --dtype")
+    return dtype
+
+
 def verify(hf_dir: Path, ckpt: Path | None = None, *, dtype: str | None = None, mesh=None) -> Report:
     """Embed :data:`ROWS` with our model (``ckpt``, or ``hf_dir`` converted) and with transformers'
     model of ``hf_dir``; ``dtype`` is both frameworks' compute and parameter dtype (default: the
@@ -116,16 +123,17 @@ def verify(hf_dir: Path, ckpt: Path | None = None, *, dtype: str | None = None, 
     with usage_errors(ValueError, OSError):
         if not (hf_dir / "config.json").is_file():
             raise FileNotFoundError(f"--hf-dir {hf_dir} is not an HF model directory (no config.json)")
-        if dtype is not None and dtype not in TOLERANCE:
-            raise ValueError(f"--dtype must be one of {', '.join(TOLERANCE)}, got {dtype!r}")
         ours_path = Path(ckpt) if ckpt is not None else hf_dir
-        dtype = dtype or _stored_dtype(ours_path)
+        dtype = dtype or _stored_dtype(ours_path)  # None: the converted checkpoint's own
+        if dtype is not None:
+            _check_dtype(dtype)
         ours = UniME.load(ours_path, mesh=mesh, dtype=dtype, param_dtype=dtype, progress=False)
-        dtype = ours.config.dtype
+        dtype = _check_dtype(ours.config.dtype)
         spec = spec_for(ours.model_type)
         if spec.reference is None:
             raise ValueError(f"convert verify has no PyTorch reference for model type {ours.model_type!r}")
-        reference = spec.reference(hf_dir, ours.config, dtype)
+    # Loading the reference can fail like any run (a damaged file, memory): not a usage error.
+    reference = spec.reference(hf_dir, ours.config, dtype)
     results = []
     for index, row in enumerate(ROWS):
         image = None if row.image is None else synthetic_image(*row.image)

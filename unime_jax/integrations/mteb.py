@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unime_jax.embedder import UniME
-from unime_jax.progress import progress
+from unime_jax.progress import progress_bar
 
 try:
     from mteb.models.abs_encoder import AbsEncoder
@@ -157,7 +157,7 @@ class UniMEEncoder(AbsEncoder):
         show = kwargs.get("show_progress_bar", True)
         out = [
             self._encode_batch(batch, instruction, batch_size)
-            for batch in progress(inputs, desc=f"{task_metadata.name} ({side})", disable=not show)
+            for batch in progress_bar(inputs, desc=f"{task_metadata.name} ({side})", disable=not show)
         ]
         return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
 

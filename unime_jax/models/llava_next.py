@@ -25,9 +25,10 @@ Model inputs (right-padded rows):
                                   row-major, unused slots zero (the HF processor's layout; a batch
                                   may stop at its largest real tile count)
   image_sizes     (B, 2) int32   original (height, width) of each image; (0, 0) for text-only rows
-  image_grids     (B, 2) int32   (rows, cols) of tiles of the chosen pinpoint, i.e.
-                                  select_best_resolution(image_size, pinpoints) // S; (0, 0) for
-                                  text-only rows
+  image_grids     (B, G) int32   G = `LlavaNextConfig.image_grid_width`: here 2, the (rows, cols)
+                                  of tiles of the chosen pinpoint, i.e.
+                                  select_best_resolution(image_size, pinpoints) // S; zeros for
+                                  text-only rows (LLaVA-OneVision appends its feature grid: G = 4)
 `image_grids` is computed on the host (the processor chooses the pinpoint anyway) because HF's
 choice uses float64 arithmetic (`int(W * (w / W))` can fall one pixel short) that decides near
 ties, so an on-device float32 or integer version would disagree on a few sizes in a million.
@@ -38,7 +39,7 @@ Without pixel_values the model is the bare language model (text-only batches, Un
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ from unime_jax.models.attention import Implementation
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderLM, Remat
 from unime_jax.models.layers import Linear, activation, param
-from unime_jax.models.multimodal import merge_image_features, push_runtime
+from unime_jax.models.multimodal import gather_rows, merge_image_features, push_runtime
 from unime_jax.sharding import constrain
 
 
@@ -74,6 +75,8 @@ class LlavaNextConfig:
     param_dtype: str = "float32"  # parameter storage dtype of both towers
     attention: Implementation = "auto"  # attention kernel of both towers
     remat: Remat = "none"  # decoder-layer rematerialisation policy
+    # The columns of the model input `image_grids`, decided on the host (module docstring).
+    image_grid_fields: ClassVar[tuple[str, ...]] = ("tile rows", "tile cols")
 
     def __post_init__(self) -> None:
         size = self.vision.image_size
@@ -87,6 +90,11 @@ class LlavaNextConfig:
     @property
     def tie_word_embeddings(self) -> bool:
         return self.text.tie_word_embeddings
+
+    @property
+    def image_grid_width(self) -> int:
+        """G: columns of `image_grids` per image."""
+        return len(self.image_grid_fields)
 
     @property
     def tile_side(self) -> int:
@@ -203,8 +211,10 @@ class LlavaNext(nnx.Module):
     def gather_features(
         self, pixel_values: jax.Array, image_sizes: jax.Array, image_grids: jax.Array
     ) -> jax.Array:
-        """pixel_values (B, P, C, S, S), P <= max_image_patches -> CLIP features (B, max_image_tokens, D_clip)
-        in :meth:`feature_index` order. Tile slots past an image's own tiles are run but never read."""
+        """pixel_values (B, P, C, S, S), P <= max_image_patches -> tower features (B, max_image_tokens,
+        D_vision), or (B, max_image_tokens, taps, D_vision) where slots blend (LLaVA-OneVision), in
+        :meth:`feature_index` order; image_sizes (B, 2), image_grids (B, cfg.image_grid_width).
+        Tile slots past an image's own tiles are run but never read."""
         b, p = pixel_values.shape[:2]
         if p > self.cfg.max_image_patches:
             raise ValueError(
@@ -213,14 +223,13 @@ class LlavaNext(nnx.Module):
         features = self.tile_features(pixel_values.reshape(b * p, *pixel_values.shape[2:]))
         table = features.reshape(b, p * features.shape[1], -1)
         # (B, L) rows, or (B, L, taps) where a slot blends several features (LLaVA-OneVision).
-        index = self.feature_index(self.cfg.max_image_tokens, image_sizes, image_grids)
-        gathered = jnp.take_along_axis(table, index.reshape(b, -1, 1), axis=1)
-        return gathered.reshape(*index.shape, table.shape[-1])
+        return gather_rows(table, self.feature_index(self.cfg.max_image_tokens, image_sizes, image_grids))
 
     def pack_features(
         self, gathered: jax.Array, image_sizes: jax.Array, image_grids: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """Gathered CLIP features (B, L, D_clip) -> the LM-width feature sequence (B, L, D) and its real length (B,)."""
+        """Gathered CLIP features (B, L, D_clip) -> the LM-width feature sequence (B, L, D) and its real
+        length (B,); image_sizes (B, 2), image_grids (B, cfg.image_grid_width)."""
         _, newline, count = anyres_layout(
             image_sizes, image_grids, side=self.cfg.tile_side, length=gathered.shape[1]
         )
@@ -257,9 +266,15 @@ class LlavaNext(nnx.Module):
         """
         if pixel_values is None and gathered_features is None:
             return self.language_model(input_ids, attention_mask=attention_mask)
+        width = self.cfg.image_grid_width
         if image_sizes is None or image_grids is None:
             raise ValueError(
-                "pixel_values needs image_sizes (B, 2) and image_grids (B, 2); see unime_jax.models.llava_next"
+                f"pixel_values needs image_sizes (B, 2) and image_grids (B, {width}); see unime_jax.models.llava_next"
+            )
+        if image_grids.shape[-1] != width:
+            raise ValueError(
+                f"image_grids must be (B, {width}), ({', '.join(self.cfg.image_grid_fields)}) per image; "
+                f"got shape {tuple(image_grids.shape)}"
             )
         if gathered_features is None:
             gathered_features = self.gather_features(pixel_values, image_sizes, image_grids)

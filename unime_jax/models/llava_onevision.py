@@ -35,7 +35,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,7 @@ class LlavaOnevisionConfig(LlavaNextConfig):
     vision_feature_layer: int = -1  # SigLIP hidden_states index the image features are read from
     vision_feature_select_strategy: Literal["full"] = "full"  # every token (SigLIP has no CLS)
     vision_aspect_ratio: str = "anyres_max_9"  # feature maps above N·n² (×1.21) are downscaled
+    image_grid_fields: ClassVar[tuple[str, ...]] = ("tile rows", "tile cols", "feature rows", "feature cols")
 
     def __post_init__(self) -> None:
         if not _ANYRES_MAX.fullmatch(self.vision_aspect_ratio):
@@ -167,7 +168,10 @@ class LlavaOnevision(LlavaNext):
         """Gathered taps (B, L, 4, D_vision) -> the LM-width feature sequence (B, L, D) and its real length (B,)."""
         _, weight, newline, count = self._layout(gathered.shape[1], image_sizes, image_grids)
         projected = self.multi_modal_projector(gathered)
-        # Elementwise, not a matmul: a slot with weights (1, 0, 0, 0) is its feature bit for bit.
-        packed = jnp.sum(projected * weight[..., None].astype(projected.dtype), axis=2)
+        # In float32, rounded once to the compute dtype, as torch's interpolate does (float32 opmath
+        # for bf16 inputs). Elementwise, not a matmul (whose float32 precision is the backend's
+        # choice): a slot with weights (1, 0, 0, 0) is its feature bit for bit.
+        blend = jnp.sum(projected.astype(jnp.float32) * weight[..., None], axis=2)  # weight: float32
+        packed = blend.astype(projected.dtype)
         packed = jnp.where(newline[..., None], self.image_newline[...].astype(packed.dtype), packed)
         return constrain(packed, ("batch", "seq", "act_embed")), count

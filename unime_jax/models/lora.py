@@ -18,7 +18,7 @@ DoRA (`LoRAConfig.variant="dora"`, PEFT's `use_dora=True`) adds one more PEFT-na
 
 initialised to the column norms of W, and the layer becomes g * (x @ W + update) + b with
 g = magnitude / ||W + A @ B * alpha / r||_col (`Linear.dora_gain`); merging writes g * (W + A @ B * alpha / r).
-`LoRAConfig.init="gaussian"` draws A ~ N(0, 1/r) as PEFT's `init_lora_weights="gaussian"`.
+`LoRAConfig.init="gaussian"` draws A from a normal with std 1/r, as PEFT's `init_lora_weights="gaussian"`.
 
 QLoRA (`LoRAConfig.quantize_base="nf4"`): each adapted Linear's frozen kernel is replaced by its
 NF4 codes and block scales (`models.nf4`, through qwix), dequantized where the layer runs; the
@@ -99,7 +99,7 @@ class LoRAConfig:
     targets: str  # regex re.fullmatch-ed against dotted module paths, e.g. model\.layers\.\d+\.mlp\.down_proj
     param_dtype: str = "float32"  # storage dtype of lora_A / lora_B (and DoRA's magnitude)
     variant: str = "lora"  # "lora", or "dora" (PEFT use_dora=True: a trained magnitude per output)
-    init: str = "default"  # lora_A's init: "default" (PEFT's kaiming-uniform) or "gaussian" (N(0, 1/r))
+    init: str = "default"  # lora_A's init: "default" (PEFT's kaiming-uniform) or "gaussian" (std 1/r)
     quantize_base: str = "none"  # "nf4": QLoRA, the adapted Linears' frozen kernels stored as NF4
 
     def __post_init__(self) -> None:
@@ -165,6 +165,9 @@ def _quantize_base(linear: Linear) -> None:
     codes, scales = nf4.quantize(linear.kernel.get_value())
     del linear.kernel
     linear.kernel_nf4 = nf4.NF4Param(codes, logical_axes=axes)
+    # The scales' rows are the input blocks, in order: split over the same mesh axis they stay
+    # beside their codes' shard. Where the block count does not divide (e.g. 4304 / 16 = 269 rows
+    # for SigLIP-SO400M's fc2), `sharding.logical_to_spec` leaves that axis replicated.
     linear.kernel_nf4_scale = nf4.NF4Param(scales, logical_axes=axes)
 
 
@@ -286,18 +289,20 @@ def _as_key(key: jax.Array | int) -> jax.Array:
 
 
 def _mask_key(key: jax.Array) -> jax.Array:
-    """An ``rbg`` key drawn from `key` (any implementation), for the dropout masks.
+    """An ``rbg`` key drawn from a threefry (or rbg) `key`, for the dropout masks.
 
     A mask is one random bit pattern per activation: 7 adapters per layer, drawn again in
     GradCache's recompute and in remat's replay. threefry computes each 32 random bits with about
     20 rounds of integer arithmetic; ``rbg`` takes them from XLA's RngBitGenerator (Philox on GPU),
-    a fraction of that work. Its bits are a pure function of the key and the shape, so every pass
-    over a chunk still draws the same masks. The step's own key stays a threefry key (checkpoints
-    keep their layout); only the masks change generator.
+    a fraction of that work. Its bits are not portable across backends or shardings, but within
+    one compiled step the same key and shape give the same bits, so every pass over a chunk draws
+    the same masks (``tests/test_trainer.py`` checks GradCache against plain backprop on 8
+    devices). The step's own key stays a threefry key (checkpoints keep their layout).
     """
     if str(jax.random.key_impl(key)) == "rbg":
         return key
-    halves = jax.random.key_data(jax.random.split(key))  # 2 threefry keys = the 4 words of an rbg key
+    # Two threefry keys are the 4 words of an rbg key.
+    halves = jax.random.key_data(jax.random.split(key))
     return jax.random.wrap_key_data(halves.reshape(-1).astype(jnp.uint32), impl="rbg")
 
 

@@ -4,11 +4,13 @@ QLoRA (Dettmers et al., 2023) keeps each frozen weight as 4-bit NormalFloat code
 placed at the quantiles of a normal distribution, with one absmax scale per block of 64 weights,
 and trains bf16 adapters over the dequantized weight. qwix (the JAX team's quantisation library)
 provides the NF4 code book and the (de)quantisation; here a Linear's (in, out) kernel is cut into
-blocks of 64 along its input axis, one scale per block and output column, and is dequantized
-to the scales' dtype (the kernel's stored one) wherever the layer runs.
+blocks along its input axis, one scale per block and output column, and is dequantized to the
+scales' dtype (the kernel's stored one) wherever the layer runs. A block is 64 inputs when 64
+divides the input width, else the largest power of two that does (:func:`block_size`: gcd(in,
+64)): 16 for SigLIP-SO400M's fc2 (4304 inputs), 32 for a 96-wide toy model.
 
 Codes are ``uint4`` arrays (half a byte per weight on accelerators); the scales add one value
-per 64 weights. Both are :class:`NF4Param`, frozen like any base parameter.
+per block (per 64 weights at full blocks). Both are :class:`NF4Param`, frozen like any base parameter.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class NF4Param(nnx.Param):
 
 
 def block_size(fan_in: int) -> int:
-    """64, or the largest divisor of ``fan_in`` that divides 64 (tiny models)."""
+    """Inputs per block: 64, or gcd(fan_in, 64) when 64 does not divide ``fan_in`` (e.g. 16 for 4304)."""
     return math.gcd(fan_in, BLOCK)
 
 

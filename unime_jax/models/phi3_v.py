@@ -31,7 +31,7 @@ from unime_jax.models.attention import Implementation
 from unime_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from unime_jax.models.decoder import DecoderConfig, DecoderModel, Remat, build_lm_head
 from unime_jax.models.layers import Linear, activation, param
-from unime_jax.models.multimodal import merge_image_features, push_runtime
+from unime_jax.models.multimodal import gather_rows, merge_image_features, push_runtime
 
 
 def image_token_count(h_crops: int, w_crops: int, merged_side: int) -> int:
@@ -195,7 +195,7 @@ class Phi3ImageEmbedding(nnx.Module):
         tokens = self.tile_features(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
         table = tokens.reshape(b, n * tokens.shape[1], -1)
         index, _, _ = hd_layout(image_sizes, self.cfg, self.cfg.max_image_tokens)
-        return jnp.take_along_axis(table, index[..., None], axis=1)
+        return gather_rows(table, index)
 
     def pack_features(self, gathered: jax.Array, image_sizes: jax.Array) -> jax.Array:
         """Gathered merged tokens (B, L, 4·D_clip) -> the separators written in and projected: (B, L, D)."""

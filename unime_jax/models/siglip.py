@@ -14,7 +14,6 @@ config's ``image_mean``/``image_std`` (0.5 for SigLIP, as llava-hf's OneVision p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +69,7 @@ class SiglipVisionTransformer(nnx.Module):
         dt = {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
         self.embeddings = SiglipVisionEmbeddings(cfg, rngs)
         self.encoder = CLIPEncoder(cfg, rngs)
-        self.post_layernorm = partial(LayerNorm, cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **dt)()
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **dt)
 
 
 class SiglipVisionModel(nnx.Module):

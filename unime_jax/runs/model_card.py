@@ -1,15 +1,17 @@
 """The model card (``README.md``) written into ``export/hf`` and ``export/peft``.
 
 It opens with the Hugging Face Hub's YAML metadata: ``base_model`` (``export.base_model``, else
-``model.checkpoint``; none for a randomly initialised backbone), ``library_name``, ``pipeline_tag``,
-the source's ``license`` (from the YAML header of the source's own README.md, when it has one) and
-``tags``. Then the training recipe and data from the run's config, the evaluation summary when the
+``model.checkpoint``, when it is a Hub id: ``owner/name`` and no local path; none for a randomly
+initialised backbone), ``library_name``, ``pipeline_tag``, the source's ``license`` (from the YAML
+header of the source's own README.md, when it has one: an HF directory's, not a converted
+checkpoint's, which carries no README.md) and ``tags``. Then the training recipe and data from the run's config, the evaluation summary when the
 run evaluated the model (the demo does), and usage snippets for transformers and unime-jax.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2504.17432"
 REPOSITORY = "https://github.com/deepglint/UniME"
 Library = Literal["transformers", "peft"]
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 
 
 def _front_matter(readme: Path) -> dict[str, Any]:
@@ -51,8 +54,13 @@ def source_license(checkpoint: str | None) -> dict[str, str]:
     return {k: str(meta[k]) for k in ("license", "license_name", "license_link") if meta.get(k)}
 
 
+def _hub_id(name: str | None) -> str | None:
+    """``name`` when it reads as a Hub model id (owner/name, not a path that exists here)."""
+    return name if name and _HUB_ID.fullmatch(name) and not Path(name).exists() else None
+
+
 def _metadata(cfg: Config, backbone: Backbone, library: Library) -> dict[str, Any]:
-    base = cfg.export.base_model or cfg.model.checkpoint
+    base = _hub_id(cfg.export.base_model or cfg.model.checkpoint)
     tags = ["unime", "unime-jax", "embeddings", "multimodal", backbone.model_type]
     last = getattr(cfg, cfg.stages[-1]) if cfg.stages else None
     if library == "peft" and last is not None:
@@ -179,6 +187,15 @@ def _unime_snippet(path: str) -> str:
     )
 
 
+def _license_note(checkpoint: str | None, base: str | None) -> str:
+    stated = source_license(checkpoint).get("license")
+    if stated:
+        return f"The source model's license applies ({stated})."
+    if checkpoint:  # a converted checkpoint has no README.md: say where it was looked for
+        return f"The source model's license applies; none was found in `{Path(checkpoint) / CARD_FILE}`."
+    return "The source model's license applies." if base else ""
+
+
 def model_card(
     cfg: Config,
     backbone: Backbone,
@@ -204,12 +221,6 @@ def model_card(
     base = cfg.export.base_model or cfg.model.checkpoint
     source = f"`{base}`" if base else f"a randomly initialised `{backbone.model_type}` backbone"
     kind = "a PEFT adapter (its last stage's LoRA)" if library == "peft" else "the merged weights"
-    stated = source_license(cfg.model.checkpoint).get("license")
-    license_note = (
-        f"The source model's license applies ({stated})."
-        if stated
-        else ("The source model's license applies (its README.md names none)." if base else "")
-    )
     unime_path = merged if library == "peft" else path
     unime_usage = (
         f"```python\n{_unime_snippet(unime_path)}\n```"
@@ -222,7 +233,7 @@ def model_card(
         f"A universal multimodal embedding model trained with unime-jax (JAX/Flax) from {source}, following "
         f"UniME ([Gu et al., 2025]({PAPER}), [code]({REPOSITORY})). An input's embedding is the final-norm "
         "hidden state of its prompt's last token, L2-normalised; cosine similarity compares texts and images. "
-        + license_note
+        + _license_note(cfg.model.checkpoint, base)
         + (
             f"\n\nThe adapter applies to the weights its stage started from, `{adapter_base}` (its "
             "adapter_config.json's base_model_name_or_path), which hold every earlier stage's training."

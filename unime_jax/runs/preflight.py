@@ -1,7 +1,8 @@
 """What a run checks before it loads any model: the inputs of every stage it still has to train.
 
 A missing CSV, a teacher store that does not match it, an MMEB root without the subsets, a
-mined table for other data, data negatives asked of data without them, a W&B writer without the
+mined table for other data, data negatives asked of data without them (or with columns that are
+not strings, or files whose schema does not read), a W&B writer without the
 wandb package, or a batch larger than the data would otherwise surface only after
 the model has loaded (seconds to minutes). Here they fail at once, naming the config key.
 """

@@ -11,15 +11,25 @@ any model is loaded:
   attention kernel and remat policy, export choices, the bad-sample policy;
 - settings a stage never read pass too: another stage's section, the other stage's data.
 
+Keys are compared down to their leaves; a section null on one side and set on the other is one
+change at the section's key. A key that one side lacks is compared with the current schema's
+default: a field a newer version of this code added, left at its default, is no change; one it
+removed is none either. Inside a free-form mapping (``model.init``) a key on one side only is a
+change.
+
 A forced change to a finished stage does nothing to it (it is not retrained, its record stays);
-a forced change to an unfinished stage applies from its checkpoint on and is appended to
-``<stage>/config_changes.log``.
+a forced change to an unfinished stage applies from its checkpoint on and, once the run has
+passed its checks (:func:`log_forced`), is appended to ``<stage>/config_changes.log`` (once: a
+rerun forcing the same change from the same checkpoint adds no line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,16 +38,20 @@ from typing import Any
 import jax
 import yaml
 
-from unime_jax.config import ConfigError
+from unime_jax.atomic import write_text
+from unime_jax.config import ConfigError, to_dict
 from unime_jax.model_io import MODEL_FILE
+from unime_jax.runs.schema import Config
 from unime_jax.training.checkpoints import saved_config
 
 __all__ = [
     "MERGED_DIR",
     "RECORD_FILE",
     "ConfigChangedError",
+    "ForcedChanges",
     "StageRecord",
     "check_unchanged",
+    "log_forced",
     "write_record",
 ]
 
@@ -100,13 +114,54 @@ class StageRecord:
         return config, f"its checkpoint {self.directory / 'checkpoints' / str(step)}", step
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+_ABSENT = object()  # the side of a key that does not have it, where no default stands in
+_REMOVED = object()  # a key the current schema has no field for: one a newer version removed
+
+
+def _dataclass_in(kind: Any) -> type | None:
+    """The dataclass a field's type holds (``X`` of ``X | None``); None for any other type."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = typing.get_args(kind) if union else (kind,)
+    return next((t for t in options if isinstance(t, type) and dataclasses.is_dataclass(t)), None)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _schema_default(keys: Sequence[str]) -> Any:
+    """The current schema's default for a dotted key, as ``to_dict`` writes it; _ABSENT inside a
+    free-form mapping (any key there is data) or for a field without a default; _REMOVED when the
+    schema has no such field."""
+    kind: Any = Config
+    for depth, key in enumerate(keys):
+        section = _dataclass_in(kind)
+        if section is None:
+            return _ABSENT
+        field = next((f for f in dataclasses.fields(section) if f.name == key), None)
+        if field is None:
+            return _REMOVED
+        if depth == len(keys) - 1:
+            if field.default_factory is not dataclasses.MISSING:
+                return _plain(field.default_factory())
+            return _ABSENT if field.default is dataclasses.MISSING else _plain(field.default)
+        kind = typing.get_type_hints(section)[key]
+    return _ABSENT
+
+
+def _differences(old: Any, new: Any, keys: tuple[str, ...] = ()) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of every leaf that differs (see the module docstring)."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        if _plain(old) != _plain(new):
+            yield ".".join(keys), old, new
+        return
+    for key in sorted(set(old) | set(new), key=str):
+        path = (*keys, str(key))
+        default = _ABSENT if key in old and key in new else _schema_default(path)
+        if default is not _REMOVED:
+            yield from _differences(old.get(key, default), new.get(key, default), path)
 
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:
@@ -126,15 +181,29 @@ def _read_by(key: str, stage: StageRecord) -> bool:
 def _changes(
     saved: Mapping[str, Any], now: Mapping[str, Any], stage: StageRecord
 ) -> dict[str, tuple[Any, Any]]:
-    old, new = _flat(saved), _flat(now)
-    # A key on one side only is a field added or removed by a newer version of this code: not a change.
-    keys = [k for k in sorted(old) if k in new and old[k] != new[k]]
-    return {k: (old[k], new[k]) for k in keys if _read_by(k, stage)}
+    return {key: (old, new) for key, old, new in _differences(saved, now) if _read_by(key, stage)}
 
 
 def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(not set)"
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class ForcedChanges:
+    """The changes ``--allow-change`` forces on an unfinished stage, from its checkpoint ``step`` on."""
+
+    stage: StageRecord
+    step: int | None
+    changes: dict[str, tuple[Any, Any]]
+
+    def lines(self) -> list[str]:
+        return [
+            f"from step {self.step}: {k}: {_show(old)} -> {_show(new)} ({ALLOW_FLAG})"
+            for k, (old, new) in self.changes.items()
+        ]
 
 
 def check_unchanged(
@@ -142,17 +211,19 @@ def check_unchanged(
     stages: Iterable[StageRecord],
     allowed: Iterable[str] = (),
     report: Callable[[str], None] = print,
-) -> None:
+) -> list[ForcedChanges]:
     """Refuse ``config`` when it changes what a recorded stage trained (see the module docstring).
 
     Args:
       config: the resolved run config, as ``to_dict`` gives it.
       stages: the run's stages; those without a record yet are skipped.
       allowed: keys (or key prefixes) whose change the user forces with ``--allow-change``.
+    Returns the forced changes to unfinished stages, for :func:`log_forced` once the run starts.
     Raises ConfigChangedError naming every refused key, its recorded and its new value.
     """
     allowed = tuple(allowed)
     refused: list[str] = []
+    forced_changes: list[ForcedChanges] = []
     for stage in stages:
         saved = stage.saved()
         if saved is None:
@@ -170,7 +241,7 @@ def check_unchanged(
                 f"{stage.directory.name} is finished and keeps its record; {', '.join(forced)} apply to later stages only"
             )
         elif forced:
-            _log_forced(stage, step, forced, report)
+            forced_changes.append(ForcedChanges(stage, step, forced))
     if refused:
         raise ConfigChangedError(
             "this workdir was trained with other settings; refusing to change them:\n  "
@@ -178,21 +249,22 @@ def check_unchanged(
             + f"\nUse a new workdir, set these keys back, or force each with {ALLOW_FLAG} KEY "
             "(a finished stage is never retrained)"
         )
+    return forced_changes
 
 
-def _log_forced(
-    stage: StageRecord, step: int | None, forced: dict[str, tuple[Any, Any]], report: Callable[[str], None]
-) -> None:
+def log_forced(forced: Iterable[ForcedChanges], report: Callable[[str], None] = print) -> None:
+    """Name each forced change and append it to its stage's ``config_changes.log``, with the time,
+    unless the log already has it (a rerun forcing the same change from the same checkpoint)."""
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    lines = [
-        f"{when} from step {step}: {k}: {_show(old)} -> {_show(new)} ({ALLOW_FLAG})"
-        for k, (old, new) in forced.items()
-    ]
-    if jax.process_index() == 0:
-        with open(stage.directory / CHANGES_FILE, "a", encoding="utf-8") as log:
-            log.write("".join(f"{line}\n" for line in lines))
-    for line in lines:
-        report(f"{stage.directory.name}: {line.split(' ', 1)[1]}")
+    for entry in forced:
+        log = entry.stage.directory / CHANGES_FILE
+        logged = log.read_text(encoding="utf-8") if log.is_file() else ""
+        new = [line for line in entry.lines() if f" {line}\n" not in logged]
+        if new and jax.process_index() == 0:
+            with open(log, "a", encoding="utf-8") as out:
+                out.write("".join(f"{when} {line}\n" for line in new))
+        for line in entry.lines():
+            report(f"{entry.stage.directory.name}: {line}")
 
 
 def write_record(directory: Path, config: Mapping[str, Any]) -> None:
@@ -200,8 +272,4 @@ def write_record(directory: Path, config: Mapping[str, Any]) -> None:
     record = Path(directory) / RECORD_FILE
     if record.exists():
         return
-    partial = record.with_name(f".{RECORD_FILE}.partial")
-    partial.write_text(
-        yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False), encoding="utf-8"
-    )
-    partial.replace(record)
+    write_text(record, yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False))

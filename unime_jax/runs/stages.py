@@ -12,7 +12,6 @@ spec; what the run does around the stages is ``runs.train``'s.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from jax.sharding import Mesh
 from unime_jax.atomic import atomic_directory
 from unime_jax.backbones import BackboneSpec, spec_for, with_runtime
 from unime_jax.config import to_dict
+from unime_jax.data.errors import DataError
 from unime_jax.data.packing import PackSpec, pack_classes, packed_lengths
 from unime_jax.model_io import MODEL_FILE, init_model, load_model, save_model
 from unime_jax.models import lora
@@ -35,6 +35,7 @@ from unime_jax.sharding import LOGICAL_RULES
 from unime_jax.tokenizer import load_tokenizer
 from unime_jax.training import loop
 from unime_jax.training.checkpoints import Checkpoints
+from unime_jax.training.distributed import checked_on_every_process, host_arrays
 from unime_jax.training.metrics import MetricsWriter
 from unime_jax.training.sections import Stage2Section, StageSection
 from unime_jax.training.tasks import Stage1Task, Stage2Task
@@ -100,9 +101,10 @@ def stage_start(cfg: Config, mesh: Mesh, previous: Path | None) -> nnx.Module:
     return load_backbone(cfg, mesh).model  # reloaded, or re-initialised from the same seed
 
 
-def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.LoRAConfig | None:
-    """The stage's adapters: the configured rank, alpha, dropout, variant and init on the modules its
-    `targets` regex names, or else its preset's (the backbone's projections by default)."""
+def lora_config(stage: str, section: StageSection, spec: BackboneSpec, arch: Any) -> lora.LoRAConfig | None:
+    """The stage's adapters on a backbone (``spec``, architecture ``arch``): the configured rank,
+    alpha, dropout, variant and init on the modules its `targets` regex names, or else its
+    preset's (the backbone's projections by default)."""
     if not section.lora.enabled:
         return None
     settings = section.lora
@@ -117,9 +119,7 @@ def lora_config(stage: str, section: StageSection, backbone: Backbone) -> lora.L
             f"{stage}.lora.targets is set, and so are lora.preset or lora.vision, which choose modules "
             "too; keep one of them"
         )
-    targets = settings.targets or backbone.spec.lora_targets(
-        backbone.config, vision=settings.vision, preset=settings.preset
-    )
+    targets = settings.targets or spec.lora_targets(arch, vision=settings.vision, preset=settings.preset)
     return lora.LoRAConfig(
         rank=settings.rank,
         alpha=settings.alpha,
@@ -195,14 +195,17 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
 def _check_packable(
     stage: str, section: StageSection, model: nnx.Module, spec: BackboneSpec, adapted: list[str] | None
 ) -> None:
-    """The packed layout runs the vision tower once per tile without gradients: it must be frozen.
+    """The packed layout runs the vision tower once per tile without gradients: it must be frozen,
+    every module under the spec's ``vision_tower`` path (attention, MLP, embeddings).
 
     `adapted`: the module paths that got adapters (None: full fine-tuning).
     """
     if section.layout.mode != "packed" or not hasattr(model, "tile_features"):
         return
-    tower = re.compile(spec.vision_targets or "$^")
-    if adapted is None or any(tower.fullmatch(path) for path in adapted):
+    if spec.vision_tower is None:
+        raise ValueError(f"{spec.model_type}'s spec names no vision_tower: its packed layout cannot be checked")
+    tower = f"{spec.vision_tower}."
+    if adapted is None or any(path.startswith(tower) for path in adapted):
         why = "full fine-tuning trains" if adapted is None else "its LoRA targets adapt"
         raise ValueError(
             f"{stage}.layout.mode packed needs a frozen vision tower, but {why} it; "
@@ -254,11 +257,14 @@ def _save_adapter(
     directory: Path, adapted: nnx.Module | None, spec: BackboneSpec, lcfg: lora.LoRAConfig | None
 ) -> Path | None:
     """The trained adapters as a PEFT directory, kept with the stage so that an export after a
-    restart has them (its base model path is filled in on export)."""
+    restart has them (its base model path is filled in on export). Every process calls it: the
+    adapters are gathered whole (with fsdp or tensor meshes process 0 holds only some shards),
+    then process 0 writes them."""
     if adapted is None or lcfg is None:
         return None
     from unime_jax.conversion.peft import export_peft
 
+    nnx.update(adapted, host_arrays(nnx.state(adapted, nnx.LoRAParam)))
     out = directory / ADAPTER_DIR
     if jax.process_index() == 0:
         with atomic_directory(out, replace=True) as partial:
@@ -292,14 +298,16 @@ def run_stage(
         print(f"{label}: {merged} is incomplete; it is written again from the last checkpoint")
         if jax.process_index() == 0:
             shutil.rmtree(merged)
-    lcfg = lora_config(stage, section, backbone)
+    lcfg = lora_config(stage, section, backbone.spec, backbone.config)
     model = backbone.model
     adapted = None
     if lcfg is not None:
         adapted = lora.apply_lora(model, lcfg, nnx.Rngs(cfg.seed + STAGE_NUMBERS[stage]))
     _check_packable(stage, section, model, backbone.spec, adapted)
     pipeline = _pipeline(stage, cfg, backbone, section, mesh)
-    print(f"{label}: {pipeline.check_host_memory()}", flush=True)
+    # Free memory and the data read differ between hosts: the verdicts are agreed on, so that no
+    # process stops alone while the others wait in a collective step.
+    print(f"{label}: {checked_on_every_process(pipeline.check_host_memory, DataError)}", flush=True)
     total = section.steps or max(1, math.ceil(section.epochs * pipeline.batches_per_epoch))
     if stage == "stage1":
         task = Stage1Task(section.loss)
@@ -321,13 +329,16 @@ def run_stage(
     writer = MetricsWriter(  # rows past the checkpoint are redone
         directory, start_step=latest or 0, wandb=cfg.metrics.wandb, label=label, run_config=to_dict(cfg)
     )
+    failed = True
     try:
         state, history = loop.run(trainer, state, iterator, writer, checkpoints=checkpoints, label=label)
+        failed = False
     finally:
-        writer.close()
+        writer.close(failed=failed)
         checkpoints.close()
     print(f"{label}: {iterator.summary()}", flush=True)
-    iterator.check_final()  # the bad-sample limit, judged on everything seen, however little
+    # The bad-sample limit, judged on everything this process saw, however little.
+    checked_on_every_process(iterator.check_final, DataError)
     # Two views of the trained state: one keeps the adapters (PEFT export), one gets them merged.
     adapted = trainer.model(state) if lcfg is not None else None
     trained = trainer.model(state)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from unime_jax.atomic import atomic_directory
+from unime_jax.atomic import atomic_directory, write_text
 from unime_jax.cli_errors import usage_errors
 from unime_jax.config import dump_yaml, to_dict
 from unime_jax.data.errors import DataError
@@ -26,7 +26,7 @@ from unime_jax.models import lora
 from unime_jax.runs.demo import Demo
 from unime_jax.runs.model_card import model_card, write_card
 from unime_jax.runs.preflight import check_inputs
-from unime_jax.runs.records import StageRecord, check_unchanged
+from unime_jax.runs.records import StageRecord, check_unchanged, log_forced
 from unime_jax.runs.schema import Config
 from unime_jax.runs.stages import MERGED_DIR, Backbone, StageResult, load_backbone, run_stage, stage_start
 from unime_jax.training.sections import StageSection
@@ -123,7 +123,7 @@ def _copy_adapter(adapter: Path, out: Path, base: Path) -> None:
     for file in adapter.iterdir():
         shutil.copy2(file, out / file.name)
     config = json.loads((out / ADAPTER_CONFIG).read_text())
-    (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2))
+    write_text(out / ADAPTER_CONFIG, json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2))
 
 
 def _stages(cfg: Config, workdir: Path, demo: Demo | None) -> list[tuple[StageRecord, StageSection]]:
@@ -136,9 +136,10 @@ def train(cfg: Config, allow_changes: tuple[str, ...] = ()) -> Outcome:
     """Run the configured stages (resuming what an earlier run left) and export the result.
 
     Before any model loads, the config is compared with what the workdir's stages were trained
-    with (``runs.records``: a change to a trained setting is refused unless its key is in
-    ``allow_changes``), and the data of every unfinished stage is opened and sized
-    (``runs.preflight``); either failure is a UsageError.
+    with (``runs.records``: a change to a trained setting is refused, a ConfigChangedError, unless
+    its key is in ``allow_changes``), and the data of every unfinished stage is opened and sized
+    (``runs.preflight``: a ConfigError, or a DataError raised as a UsageError). Both exit 2 from
+    the command line. Forced changes are logged once both checks pass.
     """
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed
@@ -154,8 +155,9 @@ def train(cfg: Config, allow_changes: tuple[str, ...] = ()) -> Outcome:
         cfg = demo.cfg
     stages = _stages(cfg, workdir, demo)
     with usage_errors(DataError):
-        check_unchanged(to_dict(cfg), [record for record, _ in stages], allow_changes)
+        forced = check_unchanged(to_dict(cfg), [record for record, _ in stages], allow_changes)
         check_inputs(cfg, stages)
+    log_forced(forced)
     if jax.process_index() == 0:
         dump_yaml(cfg, workdir / "config.yaml")  # this run's settings; each stage keeps its own record
     backbone = load_backbone(cfg, mesh)

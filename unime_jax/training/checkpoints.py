@@ -12,11 +12,16 @@ checkpoint from a different model or config is refused with a message naming the
 
 A checkpoint that exists but does not restore (a truncated file, a damaged disk) is skipped by
 :meth:`Checkpoints.restore_latest`: the newest one that restores is used, and each skipped one
-is named with the reason and moved aside to ``<directory>.skipped/<step>``, never deleted.
+is named with the reason and moved aside to ``<directory>.skipped/<step>``, never deleted. Only
+read and decode errors mark a checkpoint unreadable; anything else (a device out of memory, a
+state that does not fit the data pipeline, an interrupted or timed-out file system call) stops
+the run and leaves the checkpoints as they are. In a multi-process run the processes agree on
+each step (one that fails anywhere is skipped everywhere), and process 0 alone moves files.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +32,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from unime_jax.atomic import sync_processes
 from unime_jax.model_io import first_line
+from unime_jax.training.distributed import failing_processes
 
 
 class CheckpointMismatchError(ValueError):
@@ -44,6 +51,30 @@ class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist, but none of them restores."""
 
     exit_code = 1  # a failure while running, for the command lines (unime_jax.cli_errors)
+
+
+# Read and decode errors, by item: tensorstore reports damaged tensors as ValueError (orbax wraps
+# it in a bare Exception), orbax's JSON items raise JSONDecodeError, and a missing file OSError.
+# The data item's other ValueErrors are grain refusing a state: not a damaged file.
+_READ_ERRORS = {"data": (OSError, json.JSONDecodeError)}
+_DEFAULT_READ_ERRORS = (OSError, ValueError)
+# Failures that say nothing about the files: a retry may well succeed.
+_TRANSIENT_ERRNOS = {errno.EINTR, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.ENOMEM}
+_TRANSIENT_STATUS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED")
+
+
+def _read_error(error: BaseException, item: str) -> BaseException | None:
+    """The read or decode error in ``error``'s chain of causes (None when there is none, or when
+    it is a transient failure rather than a damaged file)."""
+    kinds = _READ_ERRORS.get(item, _DEFAULT_READ_ERRORS)
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, kinds):
+        seen = seen.__cause__  # orbax raises a bare Exception from tensorstore's error
+    if seen is None:
+        return None
+    if isinstance(seen, OSError) and seen.errno in _TRANSIENT_ERRNOS:
+        return None
+    return None if str(seen).startswith(_TRANSIENT_STATUS) else seen
 
 
 def _reason(error: BaseException) -> str:
@@ -88,6 +119,19 @@ def saved_config(directory: Path) -> tuple[int, dict] | None:
     return None
 
 
+def _agreed(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(``read()``, None) when it succeeded on every process, else (None, why it failed): a
+    collective, so that all processes go on to the same checkpoint."""
+    try:
+        value, why = read(), None
+    except UnreadableCheckpointError as e:
+        value, why = None, str(e)
+    failed = failing_processes(why is not None)
+    if failed and why is None:
+        why = f"process(es) {', '.join(map(str, failed))} cannot read it (their output says why)"
+    return value, why
+
+
 class Checkpoints:
     """A work directory's checkpoints: save every N steps, keep the last K, resume the latest.
 
@@ -105,6 +149,10 @@ class Checkpoints:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Restores go through the handler, not the manager: the manager ends each restore with a
+        # barrier across processes, which a process whose read failed never reaches, so the others
+        # would wait there forever. restore_latest agrees on each read itself instead.
+        self._reader = ocp.CompositeCheckpointHandler()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -127,11 +175,15 @@ class Checkpoints:
         return self._item(step, "meta", ocp.args.JsonRestore())
 
     def _item(self, step: int, name: str, args: Any) -> Any:
-        """One item of a checkpoint; UnreadableCheckpointError naming its directory when it fails."""
+        """One item of a checkpoint; UnreadableCheckpointError naming its directory when a file of
+        it cannot be read or decoded (other errors propagate as they are)."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
-        except Exception as e:  # tensorstore, JSON and grain errors alike
-            raise UnreadableCheckpointError(f"{self.directory / str(step) / name}: {_reason(e)}") from e
+            return self._reader.restore(self.directory / str(step), args=ocp.args.Composite(**{name: args}))[name]
+        except Exception as e:
+            cause = _read_error(e, name)
+            if cause is None:
+                raise
+            raise UnreadableCheckpointError(f"{self.directory / str(step) / name}: {_reason(cause)}") from e
 
     def _check(self, step: int, saved: dict, state: Any) -> None:
         current = {**self.identity, "state": describe_state(state)}
@@ -167,22 +219,21 @@ class Checkpoints:
         an older one restores, the skipped ones are moved to ``<directory>.skipped/`` (kept, so a
         run that saves the same step again does not collide with them). A checkpoint of another
         model or config is not skipped: CheckpointMismatchError. NoUsableCheckpointError when
-        none restores (nothing is moved then).
+        none restores (nothing is moved then). Every process of a run calls it and all restore the
+        same step: one that any process cannot read is skipped by all.
         """
         failures: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                saved = self._meta(step)
+            saved, why = _agreed(lambda step=step: self._meta(step))
+            if why is None:
                 self._check(step, saved, state)  # another model or config is refused, not skipped
-                restored = self._restore(step, state, data_iterator)
-            except UnreadableCheckpointError as e:
-                failures.append((step, str(e)))
-                report(f"skipping checkpoint {self.directory / str(step)}: {e}")
+                restored, why = _agreed(lambda step=step: self._restore(step, state, data_iterator))
+            if why is not None:
+                failures.append((step, why))
+                report(f"skipping checkpoint {self.directory / str(step)}: {why}")
                 continue
-            for bad, _ in failures:
-                report(f"moved the unusable checkpoint {self.directory / str(bad)} to {self._set_aside(bad)}")
             if failures:
-                self.manager.reload()
+                self._set_all_aside([bad for bad, _ in failures], report)
             return restored, step
         if failures:
             listing = "; ".join(f"step {step}: {why}" for step, why in failures)
@@ -191,6 +242,14 @@ class Checkpoints:
                 "stage over, or restore the files"
             )
         return state, None
+
+    def _set_all_aside(self, steps: list[int], report: Callable[[str], None]) -> None:
+        """Process 0 moves the skipped steps aside; every process then sees the directory without them."""
+        if jax.process_index() == 0:
+            for step in steps:
+                report(f"moved the unusable checkpoint {self.directory / str(step)} to {self._set_aside(step)}")
+        sync_processes(f"checkpoints:set_aside:{self.directory}")
+        self.manager.reload()
 
     def _set_aside(self, step: int) -> Path:
         aside = self.directory.with_name(f"{self.directory.name}.skipped") / str(step)
@@ -207,3 +266,4 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._reader.close()

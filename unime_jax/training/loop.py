@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from unime_jax.data.packing import PACKED_PREFIX
-from unime_jax.progress import progress
+from unime_jax.progress import progress_bar
 from unime_jax.sharding import global_batch
 from unime_jax.training.checkpoints import Checkpoints
 from unime_jax.training.metrics import MetricsWriter
@@ -38,6 +38,15 @@ def _rows(local: dict[str, np.ndarray]) -> int:
         return min(v.shape[0] * v.shape[1] for v in roles) * jax.process_count()
     masks = [v for k, v in local.items() if k.endswith("attention_mask")]
     return masks[0].shape[0] * jax.process_count() if masks else 0
+
+
+def _throughput(trainer: Trainer, local: dict[str, np.ndarray], elapsed: float) -> dict[str, float]:
+    """Step time, rows/s, tokens/s and (with a known peak) MFU of one step on this batch."""
+    tokens_per_s = _tokens(local) / elapsed
+    rates = {"step_time_s": elapsed, "items_per_s": _rows(local) / elapsed, "tokens_per_s": tokens_per_s}
+    if trainer.peak_flops:
+        rates["mfu"] = trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * jax.device_count())
+    return rates
 
 
 def _last_good(checkpoints: Checkpoints | None) -> str:
@@ -70,52 +79,48 @@ def run(
     counts = getattr(batches, "total_counts", None)
     history: list[dict[str, float]] = []
     start = int(state.step)
-    bar = progress(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
+    bar = progress_bar(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
     trace = StepTrace(stage.profile, writer.tensorboard_dir)  # the stage's `profile` window, if any
 
     def fetch() -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
         local = next(batches)
         return local, global_batch(local, trainer.mesh)  # the transfer runs asynchronously
 
-    pending = fetch() if start < end else None
-    postponed = False  # a save that fell inside a NaN/inf streak: taken at the first clean step
-    for step in range(start, end):
-        local, batch = pending
-        trace.before(step + 1)
-        tic = time.perf_counter()
-        state, metrics = trainer.step(state, batch)
-        seen = counts().metrics() if counts else {}  # the samples up to this step's batch
-        save = checkpoints is not None and (postponed or (step + 1) % stage.save_every == 0 or step + 1 == end)
-        # Batch k+1 is read and sent while step k runs, before its metrics block the host. A
-        # checkpoint must hold the iterator positioned at batch k+1, so at a save it is read after.
-        pending = fetch() if step + 1 < end and not save else None
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - tic
-        trace.after(step + 1)
-        if int(state.nonfinite_run) >= stage.max_nonfinite:
-            raise TrainingDivergedError(
-                f"{stage.max_nonfinite} consecutive steps had NaN/inf loss or gradients (at step {step + 1}); "
-                f"stopped without saving. Lower the learning rate or check the data; {_last_good(checkpoints)}"
-            )
-        values.update(
-            step_time_s=elapsed, items_per_s=_rows(local) / elapsed, tokens_per_s=_tokens(local) / elapsed
-        )
-        if trainer.peak_flops:
-            values["mfu"] = (
-                trainer.flops_per_token * values["tokens_per_s"] / (trainer.peak_flops * jax.device_count())
-            )
-        history.append(values)
-        if (step + 1) % stage.log_every == 0:
-            writer.write(step + 1, {**values, **seen}, label)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        bar.update(1)
-        if save:
-            postponed = int(state.nonfinite_run) > 0  # no checkpoint while the streak counter is above 0
-            if not postponed:
-                checkpoints.save(step + 1, state, batches)
-            pending = fetch() if step + 1 < end else None
-    bar.close()
-    trace.close()
+    try:
+        pending = fetch() if start < end else None
+        postponed = False  # a save that fell inside a NaN/inf streak: taken at the first clean step
+        for step in range(start, end):
+            local, batch = pending
+            trace.before(step + 1)
+            tic = time.perf_counter()
+            state, metrics = trainer.step(state, batch)
+            seen = counts().metrics() if counts else {}  # the samples up to this step's batch
+            save = checkpoints is not None and (postponed or (step + 1) % stage.save_every == 0 or step + 1 == end)
+            # Batch k+1 is read and sent while step k runs, before its metrics block the host. A
+            # checkpoint must hold the iterator positioned at batch k+1, so at a save it is read after.
+            pending = fetch() if step + 1 < end and not save else None
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - tic
+            trace.after(step + 1)
+            if int(state.nonfinite_run) >= stage.max_nonfinite:
+                raise TrainingDivergedError(
+                    f"{stage.max_nonfinite} consecutive steps had NaN/inf loss or gradients (at step {step + 1}); "
+                    f"stopped without saving. Lower the learning rate or check the data; {_last_good(checkpoints)}"
+                )
+            values.update(_throughput(trainer, local, elapsed))
+            history.append(values)
+            if (step + 1) % stage.log_every == 0:
+                writer.write(step + 1, {**values, **seen}, label)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)
+            bar.update(1)
+            if save:
+                postponed = int(state.nonfinite_run) > 0  # no checkpoint while the streak counter is above 0
+                if not postponed:
+                    checkpoints.save(step + 1, state, batches)
+                pending = fetch() if step + 1 < end else None
+    finally:  # also on a stop (divergence, bad data, Ctrl-C): the profiler must not keep running
+        bar.close()
+        trace.close()
     if checkpoints is not None:
         checkpoints.wait()
     return state, history

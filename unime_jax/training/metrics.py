@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from unime_jax.atomic import write_text
 from unime_jax.training.tracking import WandbRun, WandbSection
 
 # Measured dense bf16 matmul rates (FLOP/s): an 8192³ bf16 matmul on the card (BENCHMARKS.md), the
@@ -39,9 +40,7 @@ def _keep_until(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= step]
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(kept))
-    partial.replace(path)
+    write_text(path, "".join(kept))
 
 
 def _step(line: str) -> float:
@@ -80,14 +79,23 @@ class MetricsWriter:
         if self.enabled:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            if start_step is not None:
-                _keep_until(workdir / "metrics.jsonl", start_step)
-            self._jsonl = (workdir / "metrics.jsonl").open("a")
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.tensorboard_dir))
+            # W&B first: the step that most often fails (network, login) leaves no file open.
             if wandb is not None:
                 self.wandb = WandbRun(wandb, workdir, label, run_config or {})
+            try:
+                self._open_files(workdir, start_step)
+            except BaseException:
+                if self.wandb is not None:
+                    self.wandb.finish(exit_code=1)
+                raise
+
+    def _open_files(self, workdir: Path, start_step: int | None) -> None:
+        if start_step is not None:
+            _keep_until(workdir / "metrics.jsonl", start_step)
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.tensorboard_dir))
 
     def write(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -101,9 +109,11 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log(step, {f"{prefix}/{key}": value for key, value in clean.items()})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files and the W&B run; ``failed``: the training it logged raised (W&B marks
+        the run failed)."""
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)

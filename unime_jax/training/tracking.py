@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from unime_jax.atomic import write_text
 from unime_jax.config import ConfigError
 
 __all__ = ["MetricsSection", "WandbRun", "WandbSection", "require_wandb"]
@@ -67,7 +68,7 @@ class WandbRun:
         files.mkdir(parents=True, exist_ok=True)
         id_file = files / "run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else generate_id()
-        id_file.write_text(run_id + "\n")
+        write_text(id_file, run_id + "\n")
         self._run = wandb.init(
             project=section.project,
             name=f"{group}/{stage}",
@@ -90,5 +91,6 @@ class WandbRun:
     def log(self, step: int, values: dict[str, float]) -> None:
         self._run.log(values, step=step)
 
-    def finish(self) -> None:
-        self._run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero ``exit_code`` marks it failed."""
+        self._run.finish(exit_code=exit_code)

@@ -55,6 +55,7 @@ SPEC = BackboneSpec(
     prepare_tokenizer=add_image_token,
     lm_targets=_lm_targets,
     vision_targets=attention_targets(r"vision_tower\."),
+    vision_tower="vision_tower",
     mmeb_max_len=4096,  # UniME's README MMEB command (VLM2Vec eval.py --max_len 4096)
     reference=reference_model,
 )

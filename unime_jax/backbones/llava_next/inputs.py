@@ -102,7 +102,7 @@ class LlavaNextInputs:
         return {
             "pixel_values": np.zeros((self.cfg.max_image_patches, 3, size, size), np.uint8),
             "image_sizes": np.zeros(2, np.int32),
-            "image_grids": np.zeros(2, np.int32),
+            "image_grids": np.zeros(self.cfg.image_grid_width, np.int32),
         }
 
     def ids(self, tokenizer: PreTrainedTokenizerBase, prompt: str, num_tokens: int | None) -> list[int]:

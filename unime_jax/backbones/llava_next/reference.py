@@ -1,4 +1,5 @@
-"""transformers' ``LlavaNextForConditionalGeneration`` on our featurized inputs (the verify reference).
+"""transformers' anyres model on our featurized inputs (the verify reference): LLaVA-NeXT's
+``LlavaNextForConditionalGeneration`` and, with OneVision's class and inputs, LLaVA-OneVision's.
 
 The anyres tiles travel as uint8 (the tower normalises them on the device); transformers takes
 them normalised, so the real tiles are normalised here with the config's statistics, exactly as
@@ -7,6 +8,7 @@ its image processor would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +19,38 @@ from unime_jax.models.clip import normalize_pixels
 from unime_jax.models.llava_next import LlavaNextConfig
 from unime_jax.processing.featurizer import Arrays
 
-__all__ = ["reference_model"]
+__all__ = ["anyres_reference", "reference_model"]
+
+ReferenceLoader = Callable[[Path, LlavaNextConfig, str], ReferenceFn]
 
 
-def reference_model(hf_dir: Path, cfg: LlavaNextConfig, dtype: str) -> ReferenceFn:
-    import torch
-    import transformers
+def anyres_reference(
+    model_class: str, inputs_cls: Callable[[LlavaNextConfig], LlavaNextInputs] = LlavaNextInputs
+) -> ReferenceLoader:
+    """The ``BackboneSpec.reference`` for transformers' ``model_class`` (a name in ``transformers``),
+    whose inputs are LLaVA-NeXT's: the real tiles, normalised, and the original size."""
 
-    torch_dtype = getattr(torch, dtype)
-    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(hf_dir, torch_dtype=torch_dtype)
-    model.eval()
-    inputs = LlavaNextInputs(cfg)
+    def load(hf_dir: Path, cfg: LlavaNextConfig, dtype: str) -> ReferenceFn:
+        import torch
+        import transformers
 
-    def run(ids: list[int], image: Arrays | None) -> np.ndarray:
-        kwargs = {"input_ids": torch.tensor([ids])}
-        if image is not None:
-            tiles = image["pixel_values"][: inputs.num_tiles(image)]
-            pixels = normalize_pixels(tiles, cfg.vision.image_mean, cfg.vision.image_std)
-            kwargs["pixel_values"] = torch.tensor(pixels[None]).to(torch_dtype)
-            kwargs["image_sizes"] = torch.tensor(image["image_sizes"][None].astype(np.int64))
-        return last_token_state(model, **kwargs)
+        torch_dtype = getattr(torch, dtype)
+        model = getattr(transformers, model_class).from_pretrained(hf_dir, torch_dtype=torch_dtype)
+        model.eval()
+        inputs = inputs_cls(cfg)
 
-    return run
+        def run(ids: list[int], image: Arrays | None) -> np.ndarray:
+            kwargs = {"input_ids": torch.tensor([ids])}
+            if image is not None:
+                tiles = image["pixel_values"][: inputs.num_tiles(image)]
+                pixels = normalize_pixels(tiles, cfg.vision.image_mean, cfg.vision.image_std)
+                kwargs["pixel_values"] = torch.tensor(pixels[None]).to(torch_dtype)
+                kwargs["image_sizes"] = torch.tensor(image["image_sizes"][None].astype(np.int64))
+            return last_token_state(model, **kwargs)
+
+        return run
+
+    return load
+
+
+reference_model = anyres_reference("LlavaNextForConditionalGeneration")

@@ -5,7 +5,8 @@
   llava-hf's 36 default pinpoints;
 - ``inputs``: the input strategy (tiles, sizes, tile and feature grids, ``<image>`` widened);
 - here: UniME's prompts in Qwen2's chat format, the tokenizer fix-up, where the decoder and the
-  vision tower sit (LoRA targets), the MMEB text budget, and the :data:`SPEC`.
+  vision tower sit (LoRA targets), the MMEB text budget, ``convert verify``'s reference
+  (transformers' ``LlavaOnevisionForConditionalGeneration``, through LLaVA-NeXT's) and the :data:`SPEC`.
 
 Single images only: several images in one row and video are HF paths this port does not implement
 (``unime_jax.models.llava_onevision``).
@@ -17,6 +18,7 @@ from unime_jax.backbones.clip import attention_targets
 from unime_jax.backbones.decoder_hf import lm_targets
 from unime_jax.backbones.llava_next import add_image_token
 from unime_jax.backbones.llava_next.inputs import IMAGE_TOKEN
+from unime_jax.backbones.llava_next.reference import anyres_reference
 from unime_jax.backbones.llava_onevision.hf_config import (
     KEY_LAYOUTS,
     llava_onevision_from_hf,
@@ -60,6 +62,8 @@ SPEC = BackboneSpec(
     prepare_tokenizer=add_image_token,
     lm_targets=_lm_targets,
     vision_targets=attention_targets(r"vision_tower\."),
+    vision_tower="vision_tower",
     # The release documents no MMEB command; LLaVA-1.6's (VLM2Vec eval.py --max_len 4096) is kept.
     mmeb_max_len=4096,
+    reference=anyres_reference("LlavaOnevisionForConditionalGeneration", LlavaOnevisionInputs),
 )

@@ -38,6 +38,3 @@ class LlavaOnevisionInputs(LlavaNextInputs):
         height, width = (int(v) for v in arrays["image_sizes"])
         grids = (*arrays["image_grids"], *self.processor.feature_grid(height, width))
         return arrays | {"image_grids": np.asarray(grids, np.int32)}, num_tokens
-
-    def empty(self) -> Arrays:
-        return super().empty() | {"image_grids": np.zeros(4, np.int32)}

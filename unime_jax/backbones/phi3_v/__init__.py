@@ -46,6 +46,7 @@ SPEC = BackboneSpec(
     inputs=Phi3VInputs,
     lm_targets=_lm_targets,
     vision_targets=attention_targets(r"model\.vision_embed_tokens\.img_processor\."),
+    vision_tower="model.vision_embed_tokens.img_processor",
     mmeb_max_len=256,  # UniME's README MMEB command (VLM2Vec eval.py --max_len 256)
     reference=reference_model,
 )
