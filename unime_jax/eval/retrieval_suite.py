@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from unime_jax.data.errors import DataError
 from unime_jax.embedder import UniME
 from unime_jax.eval import paper, retrieval
 from unime_jax.eval.encoding import Entry
@@ -104,7 +105,7 @@ def evaluate_pairs(model: UniME, run: EvalRun, pairs: Pairs) -> dict[str, Any] |
     problems += [f"caption {j}: {errors[n + p]}" for j, p in enumerate(positions) if errors[n + p]]
     images = sorted({pairs.caption_image[j] for j in captions})
     if not images:
-        raise ValueError(f"{pairs.name}: nothing could be embedded; first problem: {problems[0]}")
+        raise DataError(f"{pairs.name}: nothing could be embedded; first problem: {problems[0]}")
     remap = {old: new for new, old in enumerate(images)}
     score: dict[str, Any] = pair_metrics(
         embeddings[images],
@@ -149,7 +150,7 @@ def evaluate_sugarcrepe(
     _report(SUGARCREPE, problems)
     if len(unscored) == len(subsets):
         first = problems[0] if problems else "every subset is empty"
-        raise ValueError(f"{SUGARCREPE}: nothing could be embedded; first problem: {first}")
+        raise DataError(f"{SUGARCREPE}: nothing could be embedded; first problem: {first}")
     if unscored:
         print(
             f"{SUGARCREPE}: subset(s) {', '.join(unscored)} unscored (no item could be embedded), "

@@ -33,6 +33,8 @@ _MANIFEST = "manifest.json"
 class StoreMismatch(ValueError):
     """An existing store or run directory was written with other settings."""
 
+    exit_code = 1  # an intended refusal whose message says what to do (unime_jax.cli_errors)
+
 
 def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str | None:
     """The dotted key of the first difference between two JSON objects, with both values; None if equal."""
