@@ -256,6 +256,7 @@ def test_table_is_the_brute_force_top_k(mined, reference) -> None:
     assert (manifest.records, manifest.k, manifest.beta) == (RECORDS, K, beta)
     assert manifest.subsets == ("TextRet", "ImageQ") and manifest.split == "original"
     assert manifest.source_sha256 == source.sha256 and manifest.table_sha256 == table_sha256(table)
+    assert manifest.image_size is None  # native size
     assert manifest.counts["bad_records"] == 2 and manifest.counts["rows_unmined"] == 2
     padded = sum(len(set(expected[i])) < K for i in rows)
     assert padded >= 5 and manifest.counts["rows_padded"] == padded
@@ -286,9 +287,13 @@ def test_training_refuses_a_table_of_other_data(world, mined, mesh) -> None:
         DataError,
         match=r"(?s)manifest\.json were mined for other data.*records: table 17, configured source 10.*subsets.*python -m unime_jax\.mine",
     ):
-        open_mined(mined, MmebSource(world["root"], subsets=("TextRet",)), 2)
+        open_mined(mined, MmebSource(world["root"], subsets=("TextRet",)), 2, None)
+    both = MmebSource(world["root"], subsets=("TextRet", "ImageQ"))
     with pytest.raises(DataError, match="holds 6 negatives per record; lower k or mine again with --top-k 8"):
-        open_mined(mined, MmebSource(world["root"], subsets=("TextRet", "ImageQ")), 8)
+        open_mined(mined, both, 8, None)
+    # Mined at native size: a run that resizes its images (data.mmeb.image_size) ranks other pixels.
+    with pytest.raises(DataError, match=r"(?s)mined for other data.*image_size: table None, configured source 336"):
+        open_mined(mined, both, 2, 336)
     # Same subsets and record count, one target changed: only the checksum tells.
     changed = world["tmp"] / "changed"
     shutil.copytree(world["root"], changed)
@@ -411,7 +416,10 @@ def test_bad_records_are_said_to_be_in_the_manifest_only_once_it_is_written(worl
 def test_a_top_k_above_every_candidate_pool_is_warned(world, reference, tmp_path) -> None:
     beta = f"stage2.loss.beta={reference['beta']}"
     args = ["--model", str(world["model"]), "--data", str(world["config"]), "--set", beta, "--no-progress"]
+    # Resized images (as data.mmeb.image_size feeds them to stage 2) are recorded in the manifest.
+    args += ["--set", "data.mmeb.image_size=56"]
     status, _, err = run_cli(*args, "--out", str(tmp_path / "wide"), "--top-k", "40", "--batch-size", "8")
     assert status == 0, err
     assert "warning: --top-k 40 is more than the 8 distinct other targets of the largest candidate pool" in err
     assert f"all 2 bad records are listed in {tmp_path / 'wide' / MANIFEST_FILE}" in err
+    assert read_mined_manifest(tmp_path / "wide").image_size == 56

@@ -56,7 +56,7 @@ candidates:
 output (--out DIR; written under a temporary name and renamed once complete):
   negatives.npy  int32 (records, K) source indices, hardest first; a row of -1: record not mined
   scores.npy     float16 (records, K) cosine similarities (NaN in -1 rows)
-  manifest.json  the source (split, subsets, records, checksum), model, K, β, counts, bad records
+  manifest.json  the source (split, subsets, records, checksum, image size), model, K, β, counts, bad records
 
 bad records:
   A record whose query or target cannot be embedded (missing or unreadable image, empty text, an
@@ -342,6 +342,7 @@ def _manifest(
     beta: float,
     embeddings: Embeddings,
     mined: Mined,
+    image_size: int | None,
 ) -> MinedManifest:
     return MinedManifest(
         model=str(args.model.resolve()),
@@ -359,6 +360,7 @@ def _manifest(
         counts=mined.counts,
         bad_records=tuple(asdict(b) for b in embeddings.bad),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        image_size=image_size,
     )
 
 
@@ -378,12 +380,10 @@ def _mine(args: argparse.Namespace) -> int:
         model = UniME.load(
             args.model, dtype=args.dtype, max_len=cfg.data.text.max_len, progress=not args.no_progress
         )
-    image_root = cfg.data.mmeb.images
+    image_root, image_size = cfg.data.mmeb.images, cfg.data.mmeb.image_size
     beta = cfg.stage2.loss.beta if args.beta is None else args.beta
 
-    embeddings = embed_records(
-        model, source, image_root, args.batch_size, not args.no_progress, cfg.data.mmeb.image_size
-    )
+    embeddings = embed_records(model, source, image_root, args.batch_size, not args.no_progress, image_size)
     _report_bad(embeddings.bad, len(source))
     limit = cfg.data.loader.max_bad_fraction
     if len(embeddings.bad) > limit * len(source):
@@ -398,12 +398,17 @@ def _mine(args: argparse.Namespace) -> int:
         embeddings, source.target_ids, pools, args.top_k, beta, args.block_rows, not args.no_progress
     )
     write_mined(
-        args.out, mined.negatives, mined.scores, _manifest(args, source, image_root, beta, embeddings, mined)
+        args.out,
+        mined.negatives,
+        mined.scores,
+        _manifest(args, source, image_root, beta, embeddings, mined, image_size),
     )
     counts = ", ".join(f"{name} {value}" for name, value in mined.counts.items())
     print(f"wrote {args.out}: {len(source)} records x {args.top_k} negatives (beta {beta}); {counts}")
     if embeddings.bad:
-        print(f"all {len(embeddings.bad)} bad records are listed in {args.out / MANIFEST_FILE}", file=sys.stderr)
+        print(
+            f"all {len(embeddings.bad)} bad records are listed in {args.out / MANIFEST_FILE}", file=sys.stderr
+        )
     return 0
 
 

@@ -6,8 +6,8 @@ A mined directory::
     negatives.npy    int32 (records, K): for every record of an :class:`MmebSource`, the source indices
                      of its K hardest candidate targets, hardest first; a row of -1 = not mined
     scores.npy       float16 (records, K): their cosine similarity to the record's query (NaN for -1)
-    manifest.json    the source it belongs to (split, subsets, record count, checksum), the model,
-                     K, β, counts of padded, fallback and unmined rows, and the bad records
+    manifest.json    the source it belongs to (split, subsets, record count, checksum, image
+                     resize), the model, K, β, counts of padded, fallback and unmined rows, and the bad records
 
 The miner writes the directory under a temporary name and renames it once complete. Training
 (``stage2.negatives``) opens it with :func:`open_mined`, which refuses a table mined for other data.
@@ -73,6 +73,9 @@ class MinedManifest:
     counts: dict[str, int]  # rows padded, rows without a valid candidate, unmined rows, ...
     bad_records: tuple[dict[str, Any], ...]  # {index, reason, where} of records not embedded
     created: str  # UTC time the table was written, ISO 8601
+    # data.mmeb.image_size the records' images were resized to; None = native size (also what
+    # tables written before this field existed were mined at)
+    image_size: int | None = None
     format: str = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -81,7 +84,7 @@ class MinedManifest:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], path: Path) -> MinedManifest:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - data.keys() - {"format"})
+        missing = sorted(names - data.keys() - {"format", "image_size"})
         if missing:
             raise DataError(
                 f"mined-negatives manifest {path} lacks field(s) {', '.join(missing)}; mine again"
@@ -140,12 +143,13 @@ def read_mined_manifest(directory: str | os.PathLike[str]) -> MinedManifest:
     return MinedManifest.from_json(data, path)
 
 
-def _source_mismatches(manifest: MinedManifest, source: MmebSource) -> list[str]:
+def _source_mismatches(manifest: MinedManifest, source: MmebSource, image_size: int | None) -> list[str]:
     expected = {
         "records": len(source),
         "split": source.split,
         "subsets": tuple(source.subsets),
         "source_sha256": source.sha256,
+        "image_size": image_size,
     }
     return [
         f"  {name}: table {getattr(manifest, name)!r}, configured source {want!r}"
@@ -154,11 +158,14 @@ def _source_mismatches(manifest: MinedManifest, source: MmebSource) -> list[str]
     ]
 
 
-def open_mined(directory: str | os.PathLike[str], source: MmebSource, k: int) -> np.ndarray:
-    """The (records, K) table of `directory`, checked against `source` and its manifest; needs K ≥ k."""
+def open_mined(
+    directory: str | os.PathLike[str], source: MmebSource, k: int, image_size: int | None
+) -> np.ndarray:
+    """The (records, K) table of `directory`, checked against `source`, the images' resize
+    (``data.mmeb.image_size``) and its manifest; needs K ≥ k."""
     directory = Path(directory)
     manifest = read_mined_manifest(directory)
-    wrong = _source_mismatches(manifest, source)
+    wrong = _source_mismatches(manifest, source, image_size)
     if wrong:
         raise DataError(
             f"mined negatives {directory / MANIFEST_FILE} were mined for other data than data.mmeb "

@@ -42,7 +42,7 @@ def check_inputs(cfg: Config, stages: list[tuple[StageRecord, StageSection]]) ->
             source, what = mmeb_source(cfg.data), f"data.mmeb ({cfg.data.mmeb.root})"
             negatives = section.negatives if isinstance(section, Stage2Section) else None
             if negatives is not None and negatives.source == "mined":
-                open_mined(negatives.dir, source, negatives.k)
+                open_mined(negatives.dir, source, negatives.k, cfg.data.mmeb.image_size)
             elif negatives is not None and negatives.source == "data":
                 check_data_negatives(source, f"{key}.negatives.mode={negatives.mode}")
         if len(source) < section.batch_size:

@@ -177,7 +177,7 @@ def _pipeline(stage: str, cfg: Config, backbone: Backbone, section: StageSection
     )
     source = mmeb_source(data)
     negatives = section.negatives
-    table = open_mined(negatives.dir, source, negatives.k) if negatives.source == "mined" else None
+    table = open_mined(negatives.dir, source, negatives.k, data.mmeb.image_size) if negatives.source == "mined" else None
     # Text-only data: no image classes, so the packed step carries no tiles and runs no tower.
     pack = pack_spec(section, mesh, cfg.data.text.max_len, featurizer if source.has_images else None, ())
     return stage2_pipeline(
