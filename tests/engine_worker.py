@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--packed", action="store_true", help="feed the packed layout (data.packing)")
+    parser.add_argument("--bad-data-on", type=int, help="this process's data fails its bad-sample limit at batch 2")
     args = parser.parse_args()
 
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -37,6 +38,7 @@ def main() -> None:
     from helpers.batches import stage2_batch
 
     from unime_jax.conversion import load_hf_model
+    from unime_jax.data.errors import DataError
     from unime_jax.data.packing import PackSpec, pack_batch, pack_classes, packed_lengths
     from unime_jax.sharding import make_mesh
     from unime_jax.training import distributed, loop
@@ -51,6 +53,8 @@ def main() -> None:
     rows, pid, nproc = 16, jax.process_index(), jax.process_count()
 
     def local_rows(k: int) -> dict:
+        if pid == args.bad_data_on and k == 2:  # what the pipeline's DataIterator raises over the limit
+            raise DataError(f"process {pid}: 3 of 4 samples were bad and skipped (test)")
         batch = stage2_batch(rows, seed=1000 + k)
         per = rows // nproc
         local = {key: value[pid * per : (pid + 1) * per] for key, value in batch.items()}

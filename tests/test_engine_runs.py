@@ -126,3 +126,23 @@ def test_packed_layout_on_two_processes_matches_the_padded_one_process_run(hf_di
     for proc in procs:
         _finish(proc)
     np.testing.assert_allclose(_losses(two, 3), _losses(one, 3), atol=1e-5, rtol=0)
+
+
+def test_one_processs_bad_data_stops_every_process(hf_dir, tmp_path):
+    """Process 1's data fails its bad-sample limit while reading the third batch: both processes
+    stop, the other one naming it, instead of waiting for it in a collective step (which hung)."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        _run("--hf-dir", str(hf_dir), "--workdir", str(tmp_path), "--steps", "4", "--devices", "4",
+             "--bad-data-on", "1", "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:  # a hang (the defect) must not leave the processes behind
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [1, 1], outputs
+    assert "DataError: process(es) 1 stopped the run; their output says why" in outputs[0], outputs[0][-3000:]
+    assert "DataError: process 1: 3 of 4 samples were bad and skipped (test)" in outputs[1], outputs[1][-3000:]
+

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers.nli import triplets, write_nli_csv, write_store
+from helpers.tiny_configs import MISTRAL_INIT
 from safetensors.numpy import load_file
 
 from unime_jax.data.nli import NliSource
@@ -31,16 +32,6 @@ from unime_jax.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, STEPS, BATCH = 40, 4, 8  # the batch spreads over the 8 test devices (conftest), as in the subprocesses
-MISTRAL = {
-    "model_type": "mistral",
-    "vocab_size": 32000,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
 
 # Runs `python -m unime_jax.train ARGS` with MODULE.NAME replaced by a wrapper that SIGKILLs the
 # process at its CALL-th call, BEFORE or AFTER running it: a kill -9 at an exact point.
@@ -69,7 +60,7 @@ sys.exit(main(sys.argv[5:]))
 def _config(root: Path, workdir: Path, teacher: Path | None = None, csv: Path | None = None) -> Path:
     tree = {
         "stages": ["stage1"],
-        "model": {"init": MISTRAL, "tokenizer": "mistral-common", "dtype": "float32"},
+        "model": {"init": MISTRAL_INIT, "tokenizer": "mistral-common", "dtype": "float32"},
         "data": {
             "nli": {"csv": str(csv or root / "nli.csv"), "teacher_dir": str(teacher or root / "teacher")},
             "text": {"max_len": 16},

@@ -126,3 +126,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     """Place every variable of a state on the sharding its logical axes give."""
     return jax.device_put(state, state_shardings(state, mesh))
+
+
+def host_array(x: jax.Array | np.ndarray) -> np.ndarray:
+    """``x`` whole, as numpy, on this process. When ``x`` is sharded over other hosts' devices
+    (fsdp or tensor meshes across processes) it is gathered, a collective that every process
+    must enter for the same array; replicated or local arrays are read without one."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

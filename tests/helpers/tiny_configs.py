@@ -29,3 +29,16 @@ def llava_config() -> LlavaNextConfig:
 
 def phi3_v_config() -> Phi3VConfig:
     return Phi3VConfig(text=DecoderConfig("phi3", 32064, 32, 64, 1, 4, 4, 8), vision=VISION, num_crops=4)
+
+
+# `model.init` of a tiny random Mistral for runs of the train CLI (with tokenizer: mistral-common).
+MISTRAL_INIT = {
+    "model_type": "mistral",
+    "vocab_size": 32000,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}

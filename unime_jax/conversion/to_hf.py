@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
 from unime_jax.atomic import atomic_directory, require_new_directory
@@ -15,6 +14,7 @@ from unime_jax.conversion.mapping import hf_key, to_hf_array
 from unime_jax.conversion.safetensors_io import parse_size, plan_shards, shard_names, write_index, write_shard
 from unime_jax.model_io import HF_CONFIG_FILE, copy_aux_files, load_model, variables
 from unime_jax.progress import progress_bar
+from unime_jax.sharding import host_array
 
 
 def hf_config_for(spec: BackboneSpec, cfg, stored: dict | None) -> dict:
@@ -38,23 +38,32 @@ def export_hf(
     progress: bool = True,
 ) -> list[str]:
     """Write `model` as an HF directory, in safetensors files of at most `max_shard_bytes` (a larger
-    tensor gets its own); returns the file names written."""
+    tensor gets its own); returns the file names written.
+
+    In a multi-host run every process calls it: tensors sharded over several hosts are gathered
+    one at a time (host memory holds one shard file, not the model), and process 0 writes.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     layout = spec.key_layouts[0]
     params = {name: var.get_value() for name, var in variables(nnx.state(model))}
     keys = {name: hf_key(name, layout) for name in params}
     shards = plan_shards(((name, params[name].nbytes) for name in params), max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
-    bar = progress_bar(total=len(params), desc="to-hf", unit="tensor", disable=not progress)
+    bar = progress_bar(total=len(params), desc="to-hf", unit="tensor", disable=not (progress and writer))
     for file, members in zip(names, shards, strict=True):
-        tensors = {keys[n]: to_hf_array(n, np.asarray(jax.device_get(params[n]))) for n in members}
-        write_shard(out / file, tensors)
+        tensors = {keys[n]: to_hf_array(n, host_array(params[n])) for n in members}
+        if writer:
+            write_shard(out / file, tensors)
         weight_map.update(dict.fromkeys(tensors, file))
         bar.update(len(members))
         del tensors
     bar.close()
+    if not writer:
+        return names
     if len(names) > 1:
         write_index(out, weight_map, sum(int(p.nbytes) for p in params.values()))
     (out / "config.json").write_text(json.dumps(hf_config_for(spec, cfg, stored_hf_config), indent=2))

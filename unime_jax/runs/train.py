@@ -74,39 +74,46 @@ def _export(
     Each directory is written under a temporary name and renamed into place (replacing an
     earlier export), so a run killed while exporting leaves none half-written and its rerun
     exports again.
+
+    Every process of a multi-host run calls it: weights sharded over several hosts are gathered
+    for process 0, which writes every file.
     """
     from unime_jax.conversion.to_hf import export_hf
 
+    primary = jax.process_index() == 0
     written = []
     hf = workdir / "export" / "hf"
     if cfg.export.hf:
-        with atomic_directory(hf, replace=True) as partial:
+        with atomic_directory(hf, replace=True, collective=True) as partial:
             export_hf(
                 last.model, backbone.spec, backbone.config, partial, stored_hf_config=backbone.hf_config, progress=False
             )
-            backbone.tokenizer.save_pretrained(partial)
-            card = model_card(
-                cfg, backbone, library="transformers", path=str(hf), architecture=_architecture(partial),
-                evaluation=evaluation,
-            )  # fmt: skip
-            write_card(partial, card)
+            if primary:
+                backbone.tokenizer.save_pretrained(partial)
+                card = model_card(
+                    cfg, backbone, library="transformers", path=str(hf), architecture=_architecture(partial),
+                    evaluation=evaluation,
+                )  # fmt: skip
+                write_card(partial, card)
         written.append(str(hf))
     if cfg.export.peft and last.adapter is not None:
         base = workdir / "export" / "peft_base_hf"
         start_model = stage_start(cfg, mesh, start)
-        with atomic_directory(base, replace=True) as partial:
+        with atomic_directory(base, replace=True, collective=True) as partial:
             export_hf(
                 start_model, backbone.spec, backbone.config, partial, stored_hf_config=backbone.hf_config, progress=False
             )
-            backbone.tokenizer.save_pretrained(partial)
+            if primary:
+                backbone.tokenizer.save_pretrained(partial)
         out = workdir / "export" / "peft"
-        with atomic_directory(out, replace=True) as partial:
-            _copy_adapter(last.adapter, partial, base)
-            card = model_card(
-                cfg, backbone, library="peft", path=str(out), architecture=_architecture(base),
-                evaluation=evaluation, merged=str(hf) if cfg.export.hf else None, adapter_base=str(base),
-            )  # fmt: skip
-            write_card(partial, card)
+        if primary:
+            with atomic_directory(out, replace=True) as partial:
+                _copy_adapter(last.adapter, partial, base)
+                card = model_card(
+                    cfg, backbone, library="peft", path=str(out), architecture=_architecture(base),
+                    evaluation=evaluation, merged=str(hf) if cfg.export.hf else None, adapter_base=str(base),
+                )  # fmt: skip
+                write_card(partial, card)
         written += [str(base), str(out)]
     return written
 
@@ -177,7 +184,7 @@ def train(cfg: Config, allow_changes: tuple[str, ...] = ()) -> Outcome:
     if demo is not None:
         demo.ablation(backbone, mesh, start)
     outcome = Outcome(results=demo.results if demo is not None else {})
-    if last is not None and jax.process_index() == 0:
+    if last is not None:  # every process: the export gathers sharded weights
         evaluation = demo.summary() if demo is not None else None
         outcome.exported = _export(cfg, workdir, backbone, last, start, mesh, evaluation)
     return outcome

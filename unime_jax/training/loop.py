@@ -8,10 +8,12 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from unime_jax.data.errors import DataError
 from unime_jax.data.packing import PACKED_PREFIX
 from unime_jax.progress import progress_bar
 from unime_jax.sharding import global_batch
 from unime_jax.training.checkpoints import Checkpoints
+from unime_jax.training.distributed import checked_on_every_process
 from unime_jax.training.metrics import MetricsWriter
 from unime_jax.training.profiling import StepTrace
 from unime_jax.training.trainer import Trainer, TrainState
@@ -56,6 +58,22 @@ def _last_good(checkpoints: Checkpoints | None) -> str:
     return f"the last good checkpoint, step {last} in {checkpoints.directory}, is kept"
 
 
+Fetched = tuple[dict[str, np.ndarray], dict[str, jax.Array]]
+
+
+def _agreed(fetched: Fetched | DataError) -> Fetched:
+    """A fetched batch, once every process has read its rows. A process whose data failed its
+    bad-sample limit stops the run on every process (a collective): one that stopped alone would
+    leave the others waiting in the next step forever."""
+
+    def read() -> Fetched:
+        if isinstance(fetched, DataError):
+            raise fetched
+        return fetched
+
+    return checked_on_every_process(read, DataError)
+
+
 def run(
     trainer: Trainer,
     state: TrainState,
@@ -82,15 +100,20 @@ def run(
     bar = progress_bar(total=total, initial=start, desc=label, unit="step", disable=jax.process_index() != 0)
     trace = StepTrace(stage.profile, writer.tensorboard_dir)  # the stage's `profile` window, if any
 
-    def fetch() -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
-        local = next(batches)
+    def fetch() -> Fetched | DataError:
+        """This process's rows of the next batch, sent on; its data verdict is agreed on later,
+        once the step running meanwhile has ended (:func:`_agreed`)."""
+        try:
+            local = next(batches)
+        except DataError as e:
+            return e
         return local, global_batch(local, trainer.mesh)  # the transfer runs asynchronously
 
     try:
         pending = fetch() if start < end else None
         postponed = False  # a save that fell inside a NaN/inf streak: taken at the first clean step
         for step in range(start, end):
-            local, batch = pending
+            local, batch = _agreed(pending)
             trace.before(step + 1)
             tic = time.perf_counter()
             state, metrics = trainer.step(state, batch)
