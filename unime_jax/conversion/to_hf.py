@@ -55,12 +55,12 @@ def export_hf(
     weight_map: dict[str, str] = {}
     bar = progress_bar(total=len(params), desc="to-hf", unit="tensor", disable=not (progress and writer))
     for file, members in zip(names, shards, strict=True):
-        tensors = {keys[n]: to_hf_array(n, host_array(params[n])) for n in members}
+        arrays = {n: host_array(params[n]) for n in members}  # every process: may be a collective
         if writer:
-            write_shard(out / file, tensors)
-        weight_map.update(dict.fromkeys(tensors, file))
+            write_shard(out / file, {keys[n]: to_hf_array(n, a) for n, a in arrays.items()})
+        weight_map.update(dict.fromkeys((keys[n] for n in members), file))
         bar.update(len(members))
-        del tensors
+        del arrays
     bar.close()
     if not writer:
         return names

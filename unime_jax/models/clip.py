@@ -97,9 +97,7 @@ class CLIPVisionEmbeddings(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """Pixels (batch, channels, H, W): uint8 before normalisation, or float already in CLIP space."""
-        if pixel_values.dtype == jnp.uint8:
-            pixel_values = normalize_pixels(pixel_values, self.image_mean, self.image_std)
-        patches = self.patch_embedding(pixel_values)
+        patches = embed_patches(self.patch_embedding, pixel_values, self.image_mean, self.image_std)
         cls = jnp.broadcast_to(
             self.class_embedding[...].astype(self.dtype), (patches.shape[0], 1, patches.shape[-1])
         )
@@ -143,6 +141,16 @@ class PatchConv(nnx.Module):
         x = x.transpose(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype).reshape(p * p * c, -1))
         return y + self.bias[...].astype(self.dtype) if hasattr(self, "bias") else y
+
+
+def embed_patches(
+    conv: PatchConv, pixel_values: jax.Array, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
+    """Patch features of pixels (batch, channels, H, W): uint8 ones are normalised first, on the
+    device; float ones are taken as normalised already."""
+    if pixel_values.dtype == jnp.uint8:
+        pixel_values = normalize_pixels(pixel_values, mean, std)
+    return conv(pixel_values)
 
 
 class CLIPAttention(nnx.Module):

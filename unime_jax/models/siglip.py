@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unime_jax.models.clip import CLIPEncoder, CLIPVisionConfig, PatchConv, layers_up_to, normalize_pixels
+from unime_jax.models.clip import CLIPEncoder, CLIPVisionConfig, PatchConv, embed_patches, layers_up_to
 from unime_jax.models.layers import Embed, LayerNorm
 
 SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -56,9 +56,7 @@ class SiglipVisionEmbeddings(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """Pixels (batch, channels, H, W): uint8 before normalisation, or float already normalised."""
-        if pixel_values.dtype == jnp.uint8:
-            pixel_values = normalize_pixels(pixel_values, self.image_mean, self.image_std)
-        patches = self.patch_embedding(pixel_values)
+        patches = embed_patches(self.patch_embedding, pixel_values, self.image_mean, self.image_std)
         return patches + self.position_embedding.weight[...].astype(self.dtype)[None]
 
 

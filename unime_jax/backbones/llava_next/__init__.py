@@ -21,7 +21,7 @@ from unime_jax.backbones.spec import BackboneSpec
 from unime_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from unime_jax.processing.prompts import Templates
 
-__all__ = ["IMAGE_TOKEN", "LLAVA_V16_PINPOINTS", "SPEC", "TEMPLATES", "add_image_token"]
+__all__ = ["IMAGE_TOKEN", "LLAVA_V16_PINPOINTS", "SPEC", "TEMPLATES", "add_image_token", "language_model_targets"]
 
 # Verbatim from deepglint/UniME self_evaluate (itself copied from kongds/E5-V retrieval.py): no
 # space after [/INST].
@@ -39,7 +39,8 @@ def add_image_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _lm_targets(cfg: LlavaNextConfig) -> str:
+def language_model_targets(cfg: LlavaNextConfig) -> str:
+    """LoRA targets of the LLaVA family's decoder, which sits under ``language_model.``."""
     return lm_targets(cfg.text.family, prefix="language_model.")
 
 
@@ -53,7 +54,7 @@ SPEC = BackboneSpec(
     templates=TEMPLATES,
     inputs=LlavaNextInputs,
     prepare_tokenizer=add_image_token,
-    lm_targets=_lm_targets,
+    lm_targets=language_model_targets,
     vision_targets=attention_targets(r"vision_tower\."),
     vision_tower="vision_tower",
     mmeb_max_len=4096,  # UniME's README MMEB command (VLM2Vec eval.py --max_len 4096)

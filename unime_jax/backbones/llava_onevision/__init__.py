@@ -15,8 +15,7 @@ Single images only: several images in one row and video are HF paths this port d
 from __future__ import annotations
 
 from unime_jax.backbones.clip import attention_targets
-from unime_jax.backbones.decoder_hf import lm_targets
-from unime_jax.backbones.llava_next import add_image_token
+from unime_jax.backbones.llava_next import add_image_token, language_model_targets
 from unime_jax.backbones.llava_next.inputs import IMAGE_TOKEN
 from unime_jax.backbones.llava_next.reference import anyres_reference
 from unime_jax.backbones.llava_onevision.hf_config import (
@@ -45,10 +44,6 @@ TEMPLATES = Templates(
 )
 
 
-def _lm_targets(cfg: LlavaOnevisionConfig) -> str:
-    return lm_targets(cfg.text.family, prefix="language_model.")
-
-
 SPEC = BackboneSpec(
     "llava_onevision",
     LlavaOnevisionConfig,
@@ -60,7 +55,7 @@ SPEC = BackboneSpec(
     templates=TEMPLATES,
     inputs=LlavaOnevisionInputs,
     prepare_tokenizer=add_image_token,
-    lm_targets=_lm_targets,
+    lm_targets=language_model_targets,
     vision_targets=attention_targets(r"vision_tower\."),
     vision_tower="vision_tower",
     # The release documents no MMEB command; LLaVA-1.6's (VLM2Vec eval.py --max_len 4096) is kept.
